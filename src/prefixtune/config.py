@@ -1,0 +1,141 @@
+"""Typed configurations: what a prefix is, how text is laid out for a task, how to decode."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+MAX_PREFIX_LENGTH = 4096
+REPARAMS = ("mlp", "table", "embedding")
+VARIANTS = ("prefix", "infix")
+
+
+@dataclass
+class PrefixConfig:
+    """The trainable prefix (Li & Liang 2021, §4)."""
+
+    prefix_length: int = 10
+    """L, the number of prefix positions each attention layer gets. Ignored when `init_text` is set:
+    then L is the number of tokens of that text."""
+    reparam: str = "mlp"
+    """"mlp": P = MLP(P') during training (the paper's stable choice), dropped after training;
+    "table": P is trained directly; "embedding": the embedding-only ablation (only L input embeddings
+    are trained and pushed through the frozen LM)."""
+    mlp_hidden: int = 512
+    """Hidden width of the reparametrisation MLP (the paper: 512 for table-to-text, 800 for summarization)."""
+    variant: str = "prefix"
+    """"prefix": [PREFIX; x; y]; "infix": [x; INFIX; y] (ablation: source tokens do not see it)."""
+    init_text: str | None = None
+    """Initialise from the activations of these real words (the paper uses "table-to-text:"); None: random."""
+    init_fit_steps: int = 500
+    """With reparam="mlp" and init_text: Adam steps fitting the MLP output to the word activations."""
+    init_fit_lr: float = 1e-3
+    """Learning rate of that fit."""
+    seed: int = 0
+    """Seed of the random initialisation."""
+
+    def validate(self) -> "PrefixConfig":
+        """Raise ValueError with the offending value; return self for chaining."""
+        if not isinstance(self.prefix_length, int) or not 1 <= self.prefix_length <= MAX_PREFIX_LENGTH:
+            raise ValueError(
+                f"prefix_length must be an integer in 1..{MAX_PREFIX_LENGTH}, got {self.prefix_length!r} "
+                "(the paper uses 5-10 for table-to-text, 100-200 for summarization)"
+            )
+        if self.reparam not in REPARAMS:
+            raise ValueError(f"reparam must be one of {REPARAMS}, got {self.reparam!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.mlp_hidden < 1:
+            raise ValueError(f"mlp_hidden must be positive, got {self.mlp_hidden!r}")
+        if self.init_text is not None and not self.init_text.strip():
+            raise ValueError("init_text is empty: give real words (e.g. 'table-to-text:') or None for random init")
+        if self.init_fit_steps < 0:
+            raise ValueError(f"init_fit_steps must be >= 0, got {self.init_fit_steps!r}")
+        return self
+
+
+@dataclass
+class TextFormat:
+    """How a task's (source, target) pair becomes model text; saved with the prefix.
+
+    `{eos}` is replaced by the tokenizer's end-of-text token (GPT-2: <|endoftext|>, SmolLM2:
+    <|im_end|>). Decoder-only models read `source` + `target`; the loss covers `target` only.
+    Encoder-decoder models feed `source` to the encoder and `target` to the decoder.
+    """
+
+    source: str = " {input} {eos}"
+    """Template of the source (prompt) text; must contain {input}."""
+    target: str = " {output}{eos}"
+    """Template of the target text; must contain {output}. Generation stops at the end-of-text token."""
+
+    def render_source(self, text: str, eos: str) -> str:
+        return self.source.replace("{eos}", eos).replace("{input}", text)
+
+    def render_target(self, text: str, eos: str) -> str:
+        return self.target.replace("{eos}", eos).replace("{output}", text)
+
+    def validate(self) -> "TextFormat":
+        if "{input}" not in self.source:
+            raise ValueError(f"TextFormat.source must contain '{{input}}', got {self.source!r}")
+        if "{output}" not in self.target:
+            raise ValueError(f"TextFormat.target must contain '{{output}}', got {self.target!r}")
+        return self
+
+
+@dataclass
+class GenerateConfig:
+    """Decoding options (the paper: beam 5, min length 5, up to 100 new tokens, no newlines)."""
+
+    num_beams: int = 5
+    """Beam width; 1 is greedy (or sampling with do_sample)."""
+    max_new_tokens: int = 100
+    """Upper bound on generated tokens per row."""
+    min_new_tokens: int = 5
+    """Rows cannot end before this many tokens."""
+    do_sample: bool = False
+    """Sample instead of searching."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    block_newlines: bool = True
+    """Forbid tokens that contain a newline (the paper's decoding for table-to-text)."""
+    length_penalty: float = 1.0
+    """Beam search length penalty (transformers' definition)."""
+    batch_size: int = 16
+    """Rows per generation batch in the high-level helpers."""
+    seed: int | None = None
+    """Seed for sampling."""
+
+    def validate(self) -> "GenerateConfig":
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens!r}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
+        return self
+
+
+def to_dict(cfg: Any) -> dict:
+    return asdict(cfg)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Build a config dataclass from a dict, refusing unknown keys with their names."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+    return cls(**data)
+
+
+__all__ = ["PrefixConfig", "TextFormat", "GenerateConfig", "to_dict", "from_dict"]

