@@ -110,7 +110,7 @@ class PrefixEncoder(nn.Module):
                 loss = torch.nn.functional.mse_loss(self(), target)
                 loss.backward()
                 opt.step()
-            return float(torch.nn.functional.mse_loss(self(), target))
+        return float(torch.nn.functional.mse_loss(self(), target))
 
 
 def stack(prefixes: Sequence[PrefixKV | None], slots: Sequence[Slot], shapes: dict[Slot, LayerShape],

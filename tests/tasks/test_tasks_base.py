@@ -11,12 +11,12 @@ from prefixtune.tasks import (
     DataNotFoundError,
     Example,
     SourceGroup,
+    base,
     load_groups,
     low_data_split,
     resolve_data_dir,
     to_examples,
 )
-from prefixtune.tasks import base
 
 DATA = resolve_data_dir()
 
@@ -34,7 +34,8 @@ def test_registry_lists_the_tasks():
 
 
 def test_unknown_task_lists_the_known_tasks():
-    with pytest.raises(ValueError, match="unknown task 'xsum'; known tasks: e2e, webnlg, dart, jsonl, summarization"):
+    known = "known tasks: e2e, webnlg, dart, jsonl, summarization"
+    with pytest.raises(ValueError, match=f"unknown task 'xsum'; {known}"):
         load_groups("xsum", "train")
 
 
@@ -93,7 +94,7 @@ def test_missing_data_folder_lists_what_was_searched(tmp_path, monkeypatch):
         ("e2e", "train", "e2e/devset.csv", "github.com/tuetschek/e2e-dataset"),
         ("e2e", "test", "e2e/testset_w_refs.csv", "github.com/tuetschek/e2e-dataset"),
         ("webnlg", "dev", "webnlg2017/dev", "gitlab.com/shimorina/webnlg-dataset"),
-        ("webnlg", "test_seen", "webnlg2017/test/testdata_with_lex.xml", "gitlab.com/shimorina/webnlg-dataset"),
+        ("webnlg", "test", "webnlg2017/test/testdata_with_lex.xml", "gitlab.com/shimorina/webnlg-dataset"),
         ("dart", "train", "dart/dart-v1.1.1-full-dev.json", "github.com/Yale-LILY/dart"),
         ("dart", "test", "dart/dart-v1.1.1-full-test.xml", "github.com/Yale-LILY/dart"),
     ],
@@ -131,7 +132,12 @@ def test_group_split_sizes_determinism_and_disjoint_sources(e2e_groups, size):
 
 
 def test_groups_with_the_same_source_are_kept_on_one_side():
-    pool = [SourceGroup("a", ("1", "2"), {}), SourceGroup("b", ("3",), {}), SourceGroup("a", ("4",), {})]
+    pool = [
+        SourceGroup("a", ("1", "2"), {}),
+        SourceGroup("b", ("3", "4"), {}),
+        SourceGroup("a", ("5",), {}),
+        SourceGroup("c", ("6",), {}),
+    ]
     for seed in range(20):
         train, dev = low_data_split(pool, 2, seed=seed, dev_fraction=0.5)
         assert len(train) == 2 and len(dev) == 1
@@ -156,10 +162,21 @@ def test_split_errors_give_the_numbers(e2e_groups):
     examples = to_examples(e2e_groups)
     with pytest.raises(ValueError, match="train_size must be at least 1, got 0"):
         low_data_split(examples, 0, seed=0)
-    with pytest.raises(ValueError, match="4000 train \\+ 1200 dev = 5200 examples requested, the pool has 4672"):
+    too_many = r"4000 train \+ 1200 dev = 5200 examples requested, the pool has 4672"
+    with pytest.raises(ValueError, match=too_many):
         low_data_split(examples, 4000, seed=0)
-    with pytest.raises(ValueError, match="the train side needs 4000 pairs but its 421 sources"):
+    with pytest.raises(ValueError, match=too_many):
         low_data_split(e2e_groups, 4000, seed=0)
+    tight = [SourceGroup("a", ("1", "2"), {}), SourceGroup("b", ("3",), {})]
+    outcomes = set()
+    for seed in range(10):  # 3 pairs from 3: works only when "a" goes to train (the documented limit)
+        try:
+            train, dev = low_data_split(tight, 2, seed=seed, dev_fraction=0.5)
+            outcomes.add((train[0].source, dev[0].source))
+        except ValueError as error:
+            assert "the train side needs 2 pairs but its 1 sources" in str(error)
+            outcomes.add("refused")
+    assert outcomes == {("a", "b"), "refused"}
     with pytest.raises(ValueError, match="the pool is empty"):
         low_data_split([], 5, seed=0)
     with pytest.raises(ValueError, match="at least 2 distinct sources, the pool has 1"):

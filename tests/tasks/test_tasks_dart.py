@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from prefixtune.tasks import TASKS, load_groups, resolve_data_dir, to_examples
-from prefixtune.tasks import dart, webnlg
+from prefixtune.tasks import TASKS, dart, load_groups, resolve_data_dir, to_examples, webnlg
 
 DATA = resolve_data_dir()
 
@@ -35,7 +34,9 @@ def test_first_and_last_train_groups_match_the_raw_file(train):
         "Mars Hill College : joined : 1973 | Mars Hill College : location : Mars Hill, North Carolina"
     )
     assert train[0].references == ("A school from Mars Hill, North Carolina, joined in 1973.",)
-    assert train[-1].source == "Wildwood : eattype : coffee shop | Wildwood : pricerange : moderate | Wildwood : near : Ranch"
+    assert train[-1].source == (
+        "Wildwood : eattype : coffee shop | Wildwood : pricerange : moderate | Wildwood : near : Ranch"
+    )
     assert train[-1].references[-1] == "The Wildwood is an affordable coffee shop located in Ranch."
 
 

@@ -48,7 +48,11 @@ def test_first_and_last_test_entries_match_the_raw_file(test):
         "Abilene Regional Airport serves the city of Abilene in Texas.",
     )
     assert first.meta == {
-        "category": "Airport", "eid": "Id1", "size": 1, "seen": True, "file": "testdata_with_lex.xml"
+        "category": "Airport",
+        "eid": "Id1",
+        "size": 1,
+        "seen": True,
+        "file": "testdata_with_lex.xml",
     }
     assert last.source == (
         "| Uruguay : leaderName : Raúl_Fernando_Sendic_Rodríguez | Alfredo_Zitarrosa : deathPlace : "

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import pathlib
 import random
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 DATA_ENV_VAR = "PREFIXTUNE_DATA"
 
@@ -48,7 +48,7 @@ class SourceGroup:
         object.__setattr__(self, "references", tuple(self.references))
 
 
-Loader = Callable[[str, "str | os.PathLike | None", "str | None"], list[SourceGroup]]
+Loader = Callable[[str, str | os.PathLike | None, str | None], list[SourceGroup]]
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ def _candidate_roots(data_dir: str | os.PathLike | None) -> list[tuple[pathlib.P
 
 
 def _searched(paths: Iterable[tuple[pathlib.Path, str]]) -> str:
+    """One line per path tried, with why, so a user sees which copy of the data was expected."""
     return "\n".join(f"  - {path} ({why})" for path, why in paths)
 
 
@@ -156,6 +157,7 @@ def to_examples(groups: Sequence[SourceGroup]) -> list[Example]:
 
 
 def _dev_size(train_size: int, dev_fraction: float) -> int:
+    """Validated dev size; never 0, since early stopping needs at least one dev example."""
     if train_size < 1:
         raise ValueError(f"train_size must be at least 1, got {train_size}")
     if dev_fraction < 0:
@@ -175,23 +177,29 @@ def low_data_split(
     - A pool of Examples is sampled pair by pair (``random.Random(seed).sample``); pairs are disjoint
       by position, but a source may appear on both sides. Pass SourceGroups to prevent that.
     - A pool of SourceGroups is sampled by group: see ``_split_groups``; no source is on both sides.
+
+    Errors: ValueError for ``train_size < 1``, a negative ``dev_fraction``, an empty pool or a pool
+    with fewer pairs than requested (the message gives the numbers); TypeError for a mixed pool.
     """
     dev_size = _dev_size(train_size, dev_fraction)
     if not pool:
         raise ValueError("the pool is empty")
-    rng = random.Random(seed)
-    if all(isinstance(item, SourceGroup) for item in pool):
-        return _split_groups(list(pool), train_size, dev_size, rng)  # type: ignore[arg-type]
-    if not all(isinstance(item, Example) for item in pool):
+    groups = [item for item in pool if isinstance(item, SourceGroup)]
+    examples = [item for item in pool if isinstance(item, Example)]
+    if len(groups) != len(pool) and len(examples) != len(pool):
         raise TypeError("pool must be a list of Example or a list of SourceGroup, not a mix")
+    available = sum(len(group.references) for group in groups) if groups else len(examples)
     needed = train_size + dev_size
-    if needed > len(pool):
+    if needed > available:
         raise ValueError(
             f"pool too small: {train_size} train + {dev_size} dev = {needed} examples requested, "
-            f"the pool has {len(pool)}"
+            f"the pool has {available}"
         )
-    picked = [pool[i] for i in rng.sample(range(len(pool)), needed)]
-    return picked[:train_size], picked[train_size:]  # type: ignore[return-value]
+    rng = random.Random(seed)
+    if groups:
+        return _split_groups(groups, train_size, dev_size, rng)
+    picked = [examples[i] for i in rng.sample(range(len(examples)), needed)]
+    return picked[:train_size], picked[train_size:]
 
 
 def _split_groups(
@@ -200,12 +208,15 @@ def _split_groups(
     """Group-level split. The rule, chosen so each side covers as many distinct sources as it can:
 
     1. Groups with the same source are merged, then shuffled.
-    2. Dev gets ``min(dev_size, max(1, G * dev_size // (train_size + dev_size)))`` groups from the end of
-       the shuffled list, train ``min(train_size, G - dev groups)`` groups from the front (G = number
-       of groups). With G >= train_size + dev_size every pair therefore comes from its own source.
+    2. Train takes the first ``min(train_size, G - d)`` groups (G groups in all,
+       ``d = min(dev_size, max(1, G * dev_size // (train_size + dev_size)))`` kept for dev), and more
+       groups while their references number fewer than ``train_size`` (always leaving one for dev).
+       Dev then takes the next ``d`` groups (or as many as are left), and more while its references
+       number fewer than ``dev_size``. With G >= train_size + dev_size every pair has its own source.
     3. Each side shuffles the references inside each of its groups and takes them round-robin: one
        reference from every group, then a second from every group that has one, ... until it has its
-       number of pairs.
+       number of pairs. A pool that only just holds enough references can still fall short on one
+       side for some seeds; that is reported as a ValueError with the numbers.
     """
     merged = group_pairs((group.source, ref) for group in groups for ref in group.references)
     rng.shuffle(merged)
@@ -217,9 +228,23 @@ def _split_groups(
             f"pool too small: a disjoint train/dev split needs at least 2 distinct sources, "
             f"the pool has {len(merged)}"
         )
+    n_train = _groups_needed(merged, n_train, train_size, len(merged) - 1)
+    rest = merged[n_train:]
+    n_dev = _groups_needed(rest, min(n_dev, len(rest)), dev_size, len(rest))
     train = _round_robin(merged[:n_train], train_size, rng, "train")
-    dev = _round_robin(merged[len(merged) - n_dev :], dev_size, rng, "dev")
+    dev = _round_robin(rest[:n_dev], dev_size, rng, "dev")
     return train, dev
+
+
+def _groups_needed(groups: list[SourceGroup], at_least: int, pairs: int, limit: int) -> int:
+    """How many leading groups a side takes: ``at_least``, then more (up to ``limit``) until their
+    references number ``pairs``."""
+    count = at_least
+    available = sum(len(group.references) for group in groups[:count])
+    while available < pairs and count < limit:
+        available += len(groups[count].references)
+        count += 1
+    return count
 
 
 def _round_robin(groups: list[SourceGroup], wanted: int, rng: random.Random, side: str) -> list[Example]:
@@ -234,7 +259,7 @@ def _round_robin(groups: list[SourceGroup], wanted: int, rng: random.Random, sid
     picked: list[Example] = []
     depth = 0
     while len(picked) < wanted:
-        for group, refs in zip(groups, shuffled):
+        for group, refs in zip(groups, shuffled, strict=True):
             if depth < len(refs) and len(picked) < wanted:
                 picked.append(Example(group.source, refs[depth]))
         depth += 1

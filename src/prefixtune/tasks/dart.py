@@ -52,7 +52,7 @@ def read_dart_json(path: pathlib.Path) -> list[SourceGroup]:
         records = json.load(handle)
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of DART records")
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for index, record in enumerate(records):
         source, texts = _json_item(record, f"{path} record {index}")
         pairs.extend((source, text) for text in texts)

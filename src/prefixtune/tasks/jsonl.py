@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from .base import SourceGroup, TaskSpec, existing_file, group_pairs
 

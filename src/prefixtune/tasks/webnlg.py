@@ -40,6 +40,7 @@ class BenchmarkEntry:
 
 
 def _triple(text: str, where: str) -> tuple[str, str, str]:
+    """``subject | property | object`` split on the separator; anything else is a corrupt file."""
     parts = [part.strip() for part in text.split(" | ")]
     if len(parts) != 3:
         raise ValueError(f"{where}: expected 'subject | property | object', found {text!r}")
@@ -47,6 +48,7 @@ def _triple(text: str, where: str) -> tuple[str, str, str]:
 
 
 def _entry(element: ET.Element, file: pathlib.Path) -> BenchmarkEntry:
+    """One ``<entry>``: the modified triples (the ones the paper linearised) and the lexicalisations."""
     eid = element.get("eid", "")
     where = f"{file} entry {eid}"
     triples = tuple(_triple(node.text or "", where) for node in element.findall("modifiedtripleset/mtriple"))
@@ -67,6 +69,7 @@ def _entry(element: ET.Element, file: pathlib.Path) -> BenchmarkEntry:
 
 @functools.lru_cache(maxsize=256)
 def _parse_cached(path: str, mtime_ns: int, size: int) -> tuple[BenchmarkEntry, ...]:
+    """Parse one file; ``mtime_ns`` and ``size`` only key the cache so an edited file is re-read."""
     file = pathlib.Path(path)
     root = ET.parse(file).getroot()
     return tuple(_entry(element, file) for element in root.iter("entry"))
