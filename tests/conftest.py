@@ -75,3 +75,16 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture
 def tokenizer():
     return byte_tokenizer()
+
+
+def save_tiny(path, family: str = "llama", seed: int = 0) -> str:
+    """A tiny model + byte tokenizer saved as a local model directory (what --model takes)."""
+    model = tiny_model(family, seed)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    return save_tiny(tmp_path / "tiny-llama")

@@ -125,6 +125,70 @@ class GenerateConfig:
         return self
 
 
+@dataclass
+class TrainConfig:
+    """One training run (`prefixtune train`). None means: the task's default from the paper's recipe."""
+
+    task: str = "e2e"
+    """Task name (e2e, webnlg, dart, jsonl, summarization)."""
+    output: str = "runs/prefix"
+    """Run directory: the best prefix (what --prefix takes elsewhere), logs, plot, resume state."""
+    model: str = "smollm2-135m"
+    """Base model: the default alias, a local directory, or a Hugging Face id in the local cache."""
+    data_dir: str | None = None
+    """Data root; else $PREFIXTUNE_DATA, else ../shared/data."""
+    train_file: str | None = None
+    """Training file for the jsonl/summarization tasks."""
+    dev_file: str | None = None
+    """Dev file for the jsonl/summarization tasks (else a dev split is drawn from the training pool)."""
+    train_size: int | None = None
+    """Low-data setting: draw this many training pairs (and a dev set of 30% of it) with `seed`."""
+    seed: int = 0
+    """Seed of the subsample, the prefix initialisation and the data order."""
+    prefix_length: int | None = None
+    """Prefix length L (task default: E2E/WebNLG 5, DART 10, else 10)."""
+    reparam: str = "mlp"
+    """mlp, table or embedding (see PrefixConfig)."""
+    mlp_hidden: int = 512
+    """Hidden width of the reparametrisation MLP."""
+    variant: str = "prefix"
+    """prefix or infix."""
+    init_text: str | None = None
+    """Initialise from these words' activations (e.g. "table-to-text:")."""
+    epochs: int | None = None
+    """Passes over the training set (task default)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs when smaller)."""
+    lr: float | None = None
+    """Peak learning rate of AdamW (task default)."""
+    batch_size: int | None = None
+    """Pairs per optimizer step, over all processes and accumulation steps (task default)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (batch_size must divide evenly)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the linear decay."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (the paper: 0)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    bf16: str = "auto"
+    """bf16 autocast: auto (where the CPU/GPU supports it), on, off."""
+    eval_every: int | None = None
+    """Evaluate dev loss every N optimizer steps (default: once per epoch)."""
+    patience: int | None = None
+    """Early stopping: stop after this many evaluations without dev improvement (None: never)."""
+    checkpoint_every: int = 50
+    """Write resume state every N optimizer steps."""
+    resume: bool = False
+    """Continue from the run directory's resume state."""
+    max_source_tokens: int = 256
+    """Longer sources are truncated (their final separator kept)."""
+    max_target_tokens: int = 128
+    """Longer targets are truncated (their final end-of-text kept)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
 def to_dict(cfg: Any) -> dict:
     return asdict(cfg)
 
@@ -138,4 +202,4 @@ def from_dict(cls: type, data: dict) -> Any:
     return cls(**data)
 
 
-__all__ = ["PrefixConfig", "TextFormat", "GenerateConfig", "to_dict", "from_dict"]
+__all__ = ["PrefixConfig", "TextFormat", "GenerateConfig", "TrainConfig", "to_dict", "from_dict"]

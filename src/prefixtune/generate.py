@@ -7,7 +7,7 @@ same text in a mixed, left-padded batch as alone.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -92,11 +92,12 @@ def encode_sources(tokenizer, base: PreTrainedModel, sources: Sequence[str], for
 
 
 def generate_texts(base: PreTrainedModel, tokenizer, prefixes: Sequence[PrefixKV | None], sources: Sequence[str],
-                   formats: Sequence[TextFormat], config: GenerateConfig | None = None) -> list[str]:
+                   formats: Sequence[TextFormat], config: GenerateConfig | None = None,
+                   progress: Callable[[int], None] | None = None) -> list[str]:
     """Generate one text per source; row i uses prefixes[i] and formats[i]. Order is preserved.
 
     Rows are grouped by token length into batches of `config.batch_size` to waste less on padding;
-    that does not change any row's output (tested).
+    that does not change any row's output (tested). `progress(n)` is called after each batch of n rows.
     """
     config = (config or GenerateConfig()).validate()
     if not (len(prefixes) == len(sources) == len(formats)):
@@ -120,4 +121,6 @@ def generate_texts(base: PreTrainedModel, tokenizer, prefixes: Sequence[PrefixKV
         new = result if _compat.is_encoder_decoder(base) else result[:, ids.shape[1]:]
         for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
             out[i] = text.strip()
+        if progress is not None:
+            progress(len(rows))
     return out

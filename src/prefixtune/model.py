@@ -115,6 +115,10 @@ class PrefixTuningModel(nn.Module):
     # --- running --------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """The base model's forward with this prefix on every row ([PREFIX; x] for decoder-only)."""
+        return self.run(self.base, input_ids, attention_mask, **kwargs)
+
+    def run(self, module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Call `module` (the base model, or its backbone) with the prefix active and positions after it."""
         gen.check_ids(input_ids)
         batch = broadcast(self.prefix_kv(), input_ids.shape[0])
         if attention_mask is None:
@@ -123,7 +127,7 @@ class PrefixTuningModel(nn.Module):
             offsets = torch.full((input_ids.shape[0],), self.config.prefix_length, device=input_ids.device)
             kwargs.setdefault("position_ids", inject.position_ids(attention_mask, offsets))
         with inject.active(batch):
-            return self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return module(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
@@ -132,11 +136,13 @@ class PrefixTuningModel(nn.Module):
         return gen.generate_ids(self.base, [prefix] * input_ids.shape[0], input_ids, attention_mask, **kwargs)
 
     # --- persistence ----------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write prefix.safetensors + prefix_config.json: the final prefix only (no MLP, no base weights)."""
+    def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None) -> None:
+        """Write prefix.safetensors + prefix_config.json: the final prefix only (no MLP, no base weights).
+
+        `extra`: more JSON-able facts for the config file (e.g. how it was trained)."""
         with torch.no_grad():
             final = self.prefix_kv().detach()
-        checkpoint.save(directory, final, self.base, self.config, self.text_format)
+        checkpoint.save(directory, final, self.base, self.config, self.text_format, extra)
 
     @classmethod
     def from_peft(cls, base: PreTrainedModel, directory: str | os.PathLike, tokenizer=None) -> "PrefixTuningModel":

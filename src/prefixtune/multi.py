@@ -84,7 +84,8 @@ class MultiPrefixModel:
             return [None if t is None else self._tasks[t] for t in tasks]
 
     # --- running ---------------------------------------------------------------------------------
-    def generate(self, inputs: Sequence[str], tasks: Sequence[str | None], config: GenerateConfig | None = None) -> list[str]:
+    def generate(self, inputs: Sequence[str], tasks: Sequence[str | None], config: GenerateConfig | None = None,
+                 progress=None) -> list[str]:
         """One output text per input; row i uses the prefix and text format of tasks[i]."""
         if self.tokenizer is None:
             raise ValueError("MultiPrefixModel.generate needs a tokenizer; pass tokenizer= or use generate_ids")
@@ -93,7 +94,7 @@ class MultiPrefixModel:
         resolved = self._resolve(tasks)
         prefixes = [None if t is None else t.prefix for t in resolved]
         formats = [TextFormat() if t is None else t.text_format for t in resolved]
-        return generate_texts(self.base, self.tokenizer, prefixes, inputs, formats, config)
+        return generate_texts(self.base, self.tokenizer, prefixes, inputs, formats, config, progress)
 
     @torch.no_grad()
     def generate_ids(self, input_ids: torch.Tensor, tasks: Sequence[str | None], attention_mask=None, **kwargs):

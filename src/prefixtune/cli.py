@@ -1,0 +1,203 @@
+"""`prefixtune train|generate|evaluate|score|serve`: each subcommand maps onto a plain function.
+
+Options of `train` and the decoding options come straight from the typed configs (TrainConfig,
+GenerateConfig): one flag per field, its help text the field's docstring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import sys
+import typing
+
+from .config import GenerateConfig, TrainConfig
+from .models import DEFAULT_MODEL
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the string literal right after each field)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body, docs = tree.body[0].body, {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        default_text = f" (default: {f.default})" if f.default is not None else ""
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=docs.get(f.name, "") + default_text)
+        else:
+            parser.add_argument(flag, type=base, default=f.default, dest=f.name, help=docs.get(f.name, "") + default_text)
+
+
+def _config_from(args: argparse.Namespace, cls):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _parse_prefixes(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"error: --prefix expects NAME=DIR, got {item!r}")
+        out[name] = path
+    return out
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    summary = train(_config_from(args, TrainConfig))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _load_multi(model: str, prefixes: dict[str, str]):
+    from .models import load_base_model
+    from .multi import MultiPrefixModel
+
+    base, tokenizer = load_base_model(model)
+    multi = MultiPrefixModel(base, tokenizer)
+    for name, path in prefixes.items():
+        multi.add(name, path)
+    return multi
+
+
+def cmd_generate(args) -> int:
+    prefixes = _parse_prefixes(args.prefix)
+    src = open(args.input) if args.input else sys.stdin
+    records = []
+    for n, line in enumerate(src, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"error: {args.input or 'stdin'} line {n} is not JSON: {err}")
+        if not isinstance(rec, dict) or not isinstance(rec.get("input"), str):
+            raise SystemExit(f"error: line {n} needs an object with a string 'input' (and a 'task'), got {line.strip()[:80]!r}")
+        if rec.get("task") is not None and rec["task"] not in prefixes:
+            raise SystemExit(f"error: line {n} asks for task {rec['task']!r}; --prefix gave {sorted(prefixes) or 'none'}")
+        records.append(rec)
+    multi = _load_multi(args.model, prefixes)
+    outputs = multi.generate([r["input"] for r in records], [r.get("task") for r in records],
+                             _config_from(args, GenerateConfig))
+    dst = open(args.output, "w") if args.output else sys.stdout
+    for rec, text in zip(records, outputs):
+        dst.write(json.dumps({**rec, "output": text}, ensure_ascii=False) + "\n")
+    dst.flush()
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, format_table, prefix_summary
+
+    multi = _load_multi(args.model, {args.task: args.prefix})
+    print(prefix_summary(args.prefix), file=sys.stderr)
+    report = evaluate(multi, args.task, args.task, args.split, args.output, _config_from(args, GenerateConfig),
+                      args.data_dir, args.file, args.limit)
+    print(f"{args.task}/{args.split}: {report['sources']} sources, generation {report['generation_seconds']} s, "
+          f"predictions and scores.json in {args.output}")
+    print(format_table(args.task, report["scores"]))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from . import metrics
+    from .evaluate import format_table, score
+    from .tasks import SourceGroup, load_groups
+
+    predictions = metrics.read_predictions(args.predictions)
+    if args.references:
+        groups = [SourceGroup(source=str(i), references=tuple(r), meta={})
+                  for i, r in enumerate(metrics.read_references(args.references))]
+    else:
+        groups = load_groups(args.task, args.split, args.data_dir, path=args.file)
+    if len(predictions) != len(groups):
+        raise SystemExit(f"error: {args.predictions} has {len(predictions)} predictions but {args.task}/{args.split} "
+                         f"has {len(groups)} sources (one line per source, in dataset order)")
+    scores = score(args.task, predictions, groups)
+    print(json.dumps(scores) if args.json else format_table(args.task, scores))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import cli_main
+
+    return cli_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefixtune", description="Prefix-tuning for frozen language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a prefix on a task", description=TrainConfig.__doc__)
+    _add_dataclass_options(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate for JSONL inputs, any mix of tasks per batch")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model (default: {DEFAULT_MODEL})")
+    p.add_argument("--prefix", action="append", metavar="NAME=DIR", help="a task name and its prefix directory; repeatable")
+    p.add_argument("--input", help='JSONL file of {"task": NAME, "input": TEXT} (default: stdin)')
+    p.add_argument("--output", help="JSONL output, each input line plus 'output' (default: stdout)")
+    _add_dataclass_options(p, GenerateConfig)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="generate for a split and print its official scores")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model (default: {DEFAULT_MODEL})")
+    p.add_argument("--prefix", required=True, help="prefix directory (a training run's --output)")
+    _add_data_options(p)
+    p.add_argument("--limit", type=int, help="evaluate only the first N sources (a documented subset)")
+    p.add_argument("--output", required=True, help="directory for predictions.txt and scores.json")
+    _add_dataclass_options(p, GenerateConfig)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("score", help="score a predictions file with the task's official metrics")
+    _add_data_options(p)
+    p.add_argument("--predictions", required=True, help="one line per source, in dataset order")
+    p.add_argument("--references", help="e2e-metrics style references (blank line between sources) instead of a task split")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("serve", help="HTTP server: one base model, many task prefixes, mixed batches")
+    from .serve import add_cli_arguments  # fastapi is imported only when the CLI is built
+
+    add_cli_arguments(p)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="e2e, webnlg, dart, jsonl or summarization")
+    p.add_argument("--split", default="test", help="dataset split (default: test)")
+    p.add_argument("--data-dir", help="data root (else $PREFIXTUNE_DATA, else ../shared/data)")
+    p.add_argument("--file", help="data file for the jsonl/summarization tasks")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,94 @@
+"""What a training run shows and leaves behind: progress bar, metrics.csv, loss_curve.png, summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .checkpoint import WEIGHTS_NAME
+
+FIELDS = ["step", "epoch", "train_loss", "lr", "dev_loss", "elapsed_s"]
+
+
+class RunLog:
+    """Writes only on the main process; on resume, drops log rows past the resumed step."""
+
+    def __init__(self, run_dir: Path, main: bool, resume_from: int | None = None, show_progress: bool = True):
+        self.dir, self.main, self.show_progress = Path(run_dir), main, show_progress
+        self.csv = self.dir / "metrics.csv"
+        if not main:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if resume_from is not None and self.csv.is_file():
+            with self.csv.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_from]
+        with self.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def message(self, text: str) -> None:
+        if self.main:
+            tqdm.write(f"[prefixtune] {text}", file=sys.stderr)
+
+    def header(self, cfg, note: str, ptm, bf16: bool, total: int) -> None:
+        self.message(f"data: {note}")
+        self.message(f"model: {cfg.model} ({ptm.base.config.model_type}, "
+                     f"{sum(p.numel() for p in ptm.base.parameters()) / 1e6:.1f}M parameters, frozen)")
+        n = ptm.num_prefix_parameters()
+        self.message(f"prefix: L={ptm.config.prefix_length}, {n:,} parameters ({n * 4 / 1e6:.2f} MB fp32) "
+                     f"via {ptm.config.reparam}; training {sum(p.numel() for p in ptm.parameters() if p.requires_grad):,} "
+                     f"parameters; lr {cfg.lr}, batch {cfg.batch_size}, {total} steps, bf16 autocast {'on' if bf16 else 'off'}")
+
+    def progress(self, total: int, initial: int):
+        return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not (self.main and self.show_progress),
+                    dynamic_ncols=True, file=sys.stderr)
+
+    def step(self, step: int, epoch: int, loss: float, lr: float, dev: float | None, elapsed: float, bar) -> None:
+        if not self.main:
+            return
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", **({"dev": f"{dev:.3f}"} if dev is not None else {}))
+        with self.csv.open("a", newline="") as f:
+            csv.DictWriter(f, FIELDS).writerow({"step": step, "epoch": epoch, "train_loss": f"{loss:.5f}",
+                                                "lr": f"{lr:.3e}", "dev_loss": "" if dev is None else f"{dev:.5f}",
+                                                "elapsed_s": f"{elapsed:.1f}"})
+
+    def finish(self, counters: dict, note: str, ptm) -> dict:
+        weights = self.dir / WEIGHTS_NAME
+        summary = {"steps": counters["step"], "best_dev_loss": counters["best_dev"],
+                   "train_seconds": round(counters["elapsed"], 1), "data": note,
+                   "prefix_parameters": ptm.num_prefix_parameters(),
+                   "prefix_bytes": weights.stat().st_size if weights.is_file() else None}
+        if self.main:
+            (self.dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.plot()
+            self.message(f"done: {summary['steps']} steps in {summary['train_seconds']} s, best dev loss "
+                         f"{summary['best_dev_loss']:.4f}; prefix saved in {self.dir} ({summary['prefix_bytes']} bytes)")
+        return summary
+
+    def plot(self) -> None:
+        """loss_curve.png: training loss per step and dev loss at each evaluation."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with self.csv.open() as f:
+            rows = list(csv.DictReader(f))
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows], label="train", lw=1)
+        dev = [(int(r["step"]), float(r["dev_loss"])) for r in rows if r["dev_loss"]]
+        if dev:
+            ax.plot(*zip(*dev), "o-", label="dev")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("target-token cross-entropy")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.dir / "loss_curve.png", dpi=100)
+        plt.close(fig)

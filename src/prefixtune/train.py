@@ -1,0 +1,246 @@
+"""train(cfg): freeze the base model, optimise the prefix, keep the best on dev, resume after a kill.
+
+Loss: summed cross-entropy of target tokens divided by the number of target tokens of the whole
+global batch, so one process, several processes (accelerate/DDP) or several accumulation steps all
+compute the same gradient for the same global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import _compat, resume
+from .config import PrefixConfig, TextFormat, TrainConfig
+from .data import Encoded, collate, encode, epoch_order, summed_loss, target_tokens
+from .model import PrefixTuningModel
+from .models import load_base_model
+from .runlog import RunLog
+from .tasks import TASKS, load_groups, low_data_split, to_examples
+
+#: The paper's recipe (DESIGN §2): lr, epochs, batch size, prefix length.
+TASK_DEFAULTS = {
+    "e2e": dict(lr=8e-5, epochs=5, batch_size=10, prefix_length=5),
+    "webnlg": dict(lr=5e-5, epochs=5, batch_size=5, prefix_length=5),
+    "dart": dict(lr=5e-5, epochs=10, batch_size=5, prefix_length=10),
+    "summarization": dict(lr=5e-5, epochs=30, batch_size=14, prefix_length=100),
+    "jsonl": dict(lr=5e-5, epochs=5, batch_size=10, prefix_length=10),
+}
+#: The paper's low-data setting (used when --train-size is given).
+LOW_DATA_DEFAULTS = dict(lr=5e-5, batch_size=10)
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill options left as None from the task's recipe; validate the rest."""
+    if cfg.task not in TASK_DEFAULTS:
+        raise ValueError(f"unknown task {cfg.task!r}; known tasks: {', '.join(TASK_DEFAULTS)}")
+    defaults = dict(TASK_DEFAULTS[cfg.task], **(LOW_DATA_DEFAULTS if cfg.train_size else {}))
+    filled = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
+    cfg = dataclasses.replace(cfg, **filled)
+    for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)!r}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {cfg.max_steps!r}")
+    if cfg.lr <= 0:
+        raise ValueError(f"lr must be > 0, got {cfg.lr!r}")
+    if cfg.batch_size % cfg.grad_accum:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum}")
+    if cfg.bf16 not in ("auto", "on", "off"):
+        raise ValueError(f"bf16 must be auto, on or off, got {cfg.bf16!r}")
+    return cfg
+
+
+def load_training_data(cfg: TrainConfig):
+    """(train examples, dev examples, a note saying which data was used)."""
+    spec = TASKS[cfg.task]
+    train_split = "train"
+    pool = load_groups(cfg.task, train_split, cfg.data_dir, path=cfg.train_file)
+    if cfg.train_size:
+        train, dev = low_data_split(pool, cfg.train_size, cfg.seed)
+        note = f"{len(train)} training and {len(dev)} dev pairs drawn with seed {cfg.seed} from {cfg.task}/{train_split}"
+    elif "dev" in spec.splits or cfg.dev_file:
+        train = to_examples(pool)
+        dev = to_examples(load_groups(cfg.task, "dev", cfg.data_dir, path=cfg.dev_file))
+        note = f"{len(train)} training pairs ({cfg.task}/{train_split}), {len(dev)} dev pairs"
+    else:  # no dev split: hold out 5% of the sources (at least one), chosen with the seed
+        order = list(range(len(pool)))
+        random.Random(cfg.seed).shuffle(order)
+        n_dev = max(1, round(0.05 * len(pool)))
+        dev = to_examples([pool[i] for i in sorted(order[:n_dev])])
+        train = to_examples([pool[i] for i in sorted(order[n_dev:])])
+        note = f"{len(train)} training pairs from {cfg.task}/{train_split}; {len(dev)} dev pairs held out of it"
+    if getattr(spec, "note", ""):
+        note += ". " + spec.note
+    return train, dev, note
+
+
+class TargetLoss(nn.Module):
+    """forward(batch) -> summed target-token cross-entropy; the module DDP wraps."""
+
+    def __init__(self, ptm: PrefixTuningModel):
+        super().__init__()
+        self.ptm = ptm
+        self.encoder_decoder = _compat.is_encoder_decoder(ptm.base)
+
+    def forward(self, input_ids, attention_mask, labels):
+        if self.encoder_decoder:
+            logits = self.ptm(input_ids, attention_mask, labels=labels).logits
+            return summed_loss(logits, labels, shift=False)
+        backbone, head = _compat.backbone_and_head(self.ptm.base)
+        hidden = self.ptm.run(backbone, input_ids, attention_mask).last_hidden_state
+        keep = labels[:, 1:] != -100  # logits only where a target token is predicted
+        logits = head(hidden[:, :-1][keep])
+        return summed_loss(logits[None], labels[:, 1:][keep][None], shift=False)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    wanted = cfg.bf16 == "on" or (cfg.bf16 == "auto" and _bf16_supported(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=wanted), wanted
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warm-up to cfg.lr, then linear decay to 0 at `total` steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr * max(0.0, (total - step) / max(1, total - cfg.warmup_steps))
+
+
+def dev_loss(loss_fn: TargetLoss, rows: list[Encoded], cfg: TrainConfig, pad_id: int, autocast) -> float:
+    """Token-mean cross-entropy on the dev pairs."""
+    total, count = 0.0, target_tokens(rows, loss_fn.encoder_decoder)
+    device = next(loss_fn.ptm.base.parameters()).device
+    with torch.no_grad(), autocast:
+        for i in range(0, len(rows), cfg.batch_size):
+            batch = collate(rows[i : i + cfg.batch_size], pad_id, loss_fn.encoder_decoder)
+            total += float(loss_fn(**{k: v.to(device) for k, v in batch.items()}))
+    return total / max(1, count)
+
+
+def _step(model, rows, cfg, acc, pad_id, encoder_decoder, autocast) -> float:
+    """One optimizer step's forward/backward over the global batch `rows`; returns its mean loss."""
+    n_tokens = max(1, target_tokens(rows, encoder_decoder))
+    micro = cfg.batch_size // cfg.grad_accum
+    summed = torch.zeros((), device=acc.device)
+    for start in range(0, len(rows), micro):
+        mine = rows[start : start + micro][acc.process_index :: acc.num_processes]
+        batch = {k: v.to(acc.device) for k, v in collate(mine, pad_id, encoder_decoder).items()}
+        with autocast:
+            loss = model(**batch)
+        # DDP averages gradients over processes: scale so that the result is sum / global token count.
+        (loss * acc.num_processes / n_tokens).backward()
+        summed += loss.detach()
+    return float(acc.reduce(summed, reduction="sum")) / n_tokens
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training; returns the summary also written to train_summary.json."""
+    from accelerate import Accelerator
+
+    cfg = resolve(cfg)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    out = Path(cfg.output)
+    if cfg.resume and not resume.has_state(out):
+        raise FileNotFoundError(f"--resume: {out} holds no resume state; start without --resume")
+    base, tokenizer = load_base_model(cfg.model, device=acc.device)
+    train_ex, dev_ex, note = load_training_data(cfg)
+    prefix_cfg = PrefixConfig(prefix_length=cfg.prefix_length, reparam=cfg.reparam, mlp_hidden=cfg.mlp_hidden,
+                              variant=cfg.variant, init_text=cfg.init_text, seed=cfg.seed)
+    ptm = PrefixTuningModel(base, prefix_cfg, tokenizer, TextFormat())
+    enc_dec = _compat.is_encoder_decoder(base)
+    train_rows = encode(train_ex, tokenizer, ptm.text_format, enc_dec, cfg.max_source_tokens, cfg.max_target_tokens)
+    dev_rows = encode(dev_ex, tokenizer, ptm.text_format, enc_dec, cfg.max_source_tokens, cfg.max_target_tokens)
+    if len(train_rows) < cfg.batch_size:
+        raise ValueError(f"{len(train_rows)} training pairs cannot fill one batch of {cfg.batch_size}; lower --batch-size")
+    steps_per_epoch = len(train_rows) // cfg.batch_size
+    total = min(cfg.max_steps or math.inf, steps_per_epoch * cfg.epochs)
+    optimizer = torch.optim.AdamW([p for p in ptm.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    counters = {"step": 0, "best_dev": None, "bad_evals": 0, "elapsed": 0.0}
+    if cfg.resume:
+        counters = resume.load_state(out, ptm, optimizer)
+    model = acc.prepare(TargetLoss(ptm))
+    autocast, bf16 = _autocast(cfg, acc.device)
+    log = RunLog(out, acc.is_main_process, counters["step"] if cfg.resume else None, cfg.progress)
+    log.header(cfg, note, ptm, bf16, total)
+    loop = _Loop(cfg, acc, model, ptm, optimizer, counters, log, train_rows, dev_rows, tokenizer.pad_token_id,
+                 autocast, total, steps_per_epoch, note)
+    return loop.run()
+
+
+class _Loop:
+    """The optimisation loop's state, split out of `train` to keep each part short."""
+
+    def __init__(self, cfg, acc, model, ptm, optimizer, counters, log, train_rows, dev_rows, pad_id, autocast,
+                 total, steps_per_epoch, note):
+        self.__dict__.update(locals())
+        del self.__dict__["self"]
+        self.enc_dec = _compat.is_encoder_decoder(ptm.base)
+        self.loss_fn = TargetLoss(ptm)
+        self.eval_every = cfg.eval_every or steps_per_epoch
+
+    def run(self) -> dict:
+        c, cfg = self.counters, self.cfg
+        started = time.time() - c["elapsed"]
+        params = [p for p in self.ptm.parameters() if p.requires_grad]
+        bar = self.log.progress(self.total, c["step"])
+        while c["step"] < self.total:
+            step = c["step"]
+            epoch, index = divmod(step, self.steps_per_epoch)
+            order = epoch_order(len(self.train_rows), cfg.seed, epoch)
+            rows = [self.train_rows[i] for i in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]]
+            lr = lr_at(step, cfg, self.total)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss = _step(self.model, rows, cfg, self.acc, self.pad_id, self.enc_dec, self.autocast)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            c["step"], c["elapsed"] = step + 1, time.time() - started
+            dev = self._maybe_evaluate()
+            self.log.step(c["step"], epoch + 1, loss, lr, dev, c["elapsed"], bar)
+            if c["step"] % cfg.checkpoint_every == 0 or c["step"] == self.total or self._stop():
+                self._checkpoint()
+            if self._stop():
+                self.log.message(f"early stopping: {c['bad_evals']} evaluations without dev improvement")
+                break
+        bar.close()
+        return self.log.finish(c, self.note, self.ptm)
+
+    def _stop(self) -> bool:
+        return self.cfg.patience is not None and self.counters["bad_evals"] >= self.cfg.patience
+
+    def _maybe_evaluate(self) -> float | None:
+        c = self.counters
+        if c["step"] % self.eval_every and c["step"] != self.total:
+            return None
+        loss = dev_loss(self.loss_fn, self.dev_rows, self.cfg, self.pad_id, self.autocast)
+        if c["best_dev"] is None or loss < c["best_dev"]:
+            c["best_dev"], c["bad_evals"] = loss, 0
+            if self.acc.is_main_process:
+                self.ptm.save_pretrained(self.cfg.output, extra={"training": self._facts(loss)})
+        else:
+            c["bad_evals"] += 1
+        return loss
+
+    def _facts(self, loss: float) -> dict:
+        cfg = self.cfg
+        return {"task": cfg.task, "model": cfg.model, "step": self.counters["step"], "dev_loss": round(loss, 5),
+                "train_size": cfg.train_size, "seed": cfg.seed, "data": self.note}
+
+    def _checkpoint(self) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            resume.save_state(Path(self.cfg.output), self.ptm, self.optimizer, self.counters)

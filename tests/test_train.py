@@ -1,0 +1,133 @@
+"""Training from the command line on a tiny model: loss falls, resume after SIGKILL, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from prefixtune.cli import main
+from prefixtune.config import TrainConfig
+from prefixtune.resume import STATE_NAME
+from prefixtune.train import lr_at, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train_args(model_dir, out, *extra):
+    return ["train", "--task", "e2e", "--model", model_dir, "--output", str(out), "--train-size", "24",
+            "--batch-size", "8", "--prefix-length", "4", "--mlp-hidden", "32", "--lr", "0.01", "--no-progress", *extra]
+
+
+def _run(args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    return subprocess.Popen([sys.executable, "-m", "prefixtune", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_cli_train_loss_falls_then_generate_and_score(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_dir, out, "--epochs", "6", "--eval-every", "3")) == 0
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[2]) for r in rows]
+    assert len(losses) == 18 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    for name in ("prefix.safetensors", "prefix_config.json", "loss_curve.png", "train_summary.json"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "prefix_config.json").read_text())
+    assert meta["training"]["task"] == "e2e" and meta["training"]["train_size"] == 24
+
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"task": "e2e", "input": "name[The Eagle], food[French]"}\n{"task": null, "input": "hi"}\n')
+    assert main(["generate", "--model", tiny_dir, "--prefix", f"e2e={out}", "--input", str(inputs),
+                 "--output", str(tmp_path / "out.jsonl"), "--num-beams", "2", "--max-new-tokens", "6"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [x["task"] for x in lines] == ["e2e", None] and all("output" in x for x in lines)
+
+    capsys.readouterr()
+    assert main(["evaluate", "--model", tiny_dir, "--prefix", str(out), "--task", "e2e", "--limit", "3",
+                 "--output", str(tmp_path / "eval"), "--num-beams", "1", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "bleu" in printed and "cider" in printed
+    report = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    assert report["sources"] == 3 and set(report["scores"]) >= {"bleu", "nist", "rouge_l", "cider"}
+    assert len((tmp_path / "eval" / "predictions.txt").read_text().splitlines()) == 3
+
+
+def _state_step(out: Path) -> int:
+    try:
+        with safe_open(str(out / STATE_NAME), framework="pt") as f:
+            return json.loads(f.metadata()["counters"])["step"]
+    except Exception:  # not written yet, or being replaced
+        return 0
+
+
+def test_sigkill_then_resume_gives_the_same_prefix(tiny_dir, tmp_path):
+    args = ["--epochs", "12", "--checkpoint-every", "1", "--eval-every", "6"]
+    full = _run(_train_args(tiny_dir, tmp_path / "full", *args))
+    killed = _run(_train_args(tiny_dir, tmp_path / "killed", *args))
+    deadline = time.time() + 300
+    while _state_step(tmp_path / "killed") < 7 and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    at_kill = _state_step(tmp_path / "killed")
+    assert 0 < at_kill < 36, f"the run was not interrupted mid-way (state at step {at_kill})"
+    resumed = _run(_train_args(tiny_dir, tmp_path / "killed", *args, "--resume"))
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    assert full.wait(timeout=600) == 0, full.stdout.read()
+    a, b = load_file(tmp_path / "full" / "prefix.safetensors"), load_file(tmp_path / "killed" / "prefix.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = load_file(tmp_path / "full" / STATE_NAME), load_file(tmp_path / "killed" / STATE_NAME)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    steps = [int(r.split(",")[0]) for r in (tmp_path / "killed" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 37))
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+                    reason="accelerate launcher not installed")
+def test_two_process_ddp_equals_one_process(tiny_dir, tmp_path):
+    args = ["--epochs", "2", "--bf16", "off", "--eval-every", "100"]
+    single = _run(_train_args(tiny_dir, tmp_path / "one", *args))
+    assert single.wait(timeout=600) == 0, single.stdout.read()
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    two = subprocess.run([launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefixtune",
+                          *_train_args(tiny_dir, tmp_path / "two", *args)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    a, b = load_file(tmp_path / "one" / "prefix.safetensors"), load_file(tmp_path / "two" / "prefix.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_resolve_fills_paper_defaults_and_rejects_bad_values():
+    cfg = resolve(TrainConfig(task="webnlg"))
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.prefix_length) == (5e-5, 5, 5, 5)
+    assert resolve(TrainConfig(task="e2e", train_size=100)).lr == 5e-5
+    with pytest.raises(ValueError, match="unknown task 'xsum'"):
+        resolve(TrainConfig(task="xsum"))
+    with pytest.raises(ValueError, match="not divisible by grad_accum 3"):
+        resolve(TrainConfig(batch_size=10, grad_accum=3))
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        resolve(TrainConfig(lr=-1.0))
+
+
+def test_lr_schedule_warmup_then_linear_decay():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4)
+    assert [round(lr_at(s, cfg, 10), 3) for s in (0, 3, 4, 7, 10)] == [0.25, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_resume_without_state_is_refused(tiny_dir, tmp_path, capsys):
+    assert main(_train_args(tiny_dir, tmp_path / "none", "--resume")) == 2
+    assert "holds no resume state" in capsys.readouterr().err
