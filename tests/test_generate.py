@@ -121,3 +121,26 @@ def test_sampling_is_seeded(tokenizer):
     a = generate_texts(model, tokenizer, [p, p], ["abc", "abc"], [TextFormat()] * 2, cfg)
     b = generate_texts(model, tokenizer, [p, p], ["abc", "abc"], [TextFormat()] * 2, cfg)
     assert a == b
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_infix_rows_mixed_with_prefix_rows(num_beams):
+    model = tiny_model("llama")
+    infix_model = PrefixTuningModel(model, PrefixConfig(prefix_length=3, reparam="table", variant="infix", seed=5))
+    with torch.no_grad():
+        infix_model.encoders["self"].table.mul_(3.0)
+    infix = infix_model.prefix_kv().detach()
+    assert infix.infix
+    (p,) = _prefixes(model, [4])
+    rows = [[5, 6, 7], [8, 9, 10, 11, 12], [3, 4]]
+    ids, mask = _left_pad(rows)
+    prefixes = [infix, p, infix]
+    kw = dict(max_new_tokens=5, num_beams=num_beams, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    batch = generate_ids(model, prefixes, ids, mask, **kw)[:, ids.shape[1]:]
+    for i, (row, prefix) in enumerate(zip(rows, prefixes)):
+        alone = generate_ids(model, [prefix], torch.tensor([row]), **kw)[:, len(row):]
+        assert batch[i].tolist() == alone[0].tolist()
+    # the generated continuation really depends on the infix
+    plain = generate_ids(model, [None], torch.tensor([rows[0]]), **kw)[:, len(rows[0]):]
+    first = generate_ids(model, [infix], torch.tensor([rows[0]]), **kw)[:, len(rows[0]):]
+    assert plain.tolist() != first.tolist()

@@ -126,3 +126,24 @@ def test_eager_base_attention_also_supported():
     ids = torch.randint(0, 250, (2, 6))
     with torch.no_grad():
         assert (sdpa(ids).logits - eager(ids).logits).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_infix_matches_infix_placed_in_cache(family):
+    """[x; INFIX; y]: the source before the boundary ignores the infix; from the boundary on, logits equal
+    running x, then the infix as L cached tokens, then the rest at positions shifted by L."""
+    model = tiny_model(family)
+    ptm = PrefixTuningModel(model, PrefixConfig(prefix_length=3, reparam="table", variant="infix"))
+    ids = torch.randint(0, 250, (1, 8))
+    b = 5  # index of the separator
+    with torch.no_grad():
+        ours = ptm(ids, infix_boundary=torch.tensor([b])).logits
+        infix = ptm.prefix_kv()
+        cache = DynamicCache(config=model.config)
+        head = model(input_ids=ids[:, :b], past_key_values=cache, use_cache=True).logits
+        for (_, layer), (k, v) in sorted(infix.kv.items(), key=lambda kv: kv[0][1]):
+            cache.update(k[None], v[None], layer)
+        tail = model(input_ids=ids[:, b:], past_key_values=cache,
+                     position_ids=torch.arange(b + 3, 8 + 3)[None]).logits
+    assert (ours[:, :b] - head).abs().max() <= TOL
+    assert (ours[:, b:] - tail).abs().max() <= TOL

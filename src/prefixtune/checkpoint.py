@@ -136,7 +136,7 @@ def load(directory: str | os.PathLike, shapes: dict[Slot, tuple[int, int]], mode
         kv[(role, layer)] = (k.to(device), v.to(device))
     config = from_dict(PrefixConfig, meta["prefix_config"])
     config.prefix_length = int(meta["prefix_length"])
-    return LoadedPrefix(PrefixKV(kv), config, from_dict(TextFormat, meta["text_format"]), meta)
+    return LoadedPrefix(PrefixKV(kv, infix=config.variant == "infix"), config, from_dict(TextFormat, meta["text_format"]), meta)
 
 
 def load_for(directory: str | os.PathLike, base, shapes) -> LoadedPrefix:

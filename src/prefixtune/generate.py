@@ -37,14 +37,18 @@ def generate_ids(base: PreTrainedModel, prefixes: Sequence[PrefixKV | None], inp
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     given = [p for p in prefixes if p is not None]
+    # Infix rows: the last prompt token (the separator) and all generated tokens see the infix.
+    boundary = torch.tensor([input_ids.shape[1] - 1 if p is not None and p.infix else 0 for p in prefixes],
+                            device=input_ids.device)
+    has_infix = any(p.infix for p in given)
     batch = None
     if given:
         shapes = given[0].shapes()
         batch = stack(prefixes, list(shapes), shapes, device=input_ids.device,
-                      dtype=next(iter(given[0].kv.values()))[0].dtype)
+                      dtype=next(iter(given[0].kv.values()))[0].dtype, visible_from=boundary if has_infix else None)
     if not _compat.is_encoder_decoder(base):
         offsets = torch.tensor([0 if p is None else p.length for p in prefixes], device=input_ids.device)
-        kwargs["position_ids"] = inject.position_ids(attention_mask, offsets)
+        kwargs["position_ids"] = inject.position_ids(attention_mask, offsets, boundary if has_infix else None)
     with inject.active(batch):
         return base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 

@@ -199,12 +199,17 @@ def layer_shapes(model: PreTrainedModel, slots: Sequence[Slot]) -> dict[Slot, tu
     return {s: (int(found[s][0].shape[1]), int(found[s][0].shape[3])) for s in slots}
 
 
-def position_ids(attention_mask: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Positions of real tokens in a left-padded batch, starting after each row's prefix.
+def position_ids(attention_mask: torch.Tensor, offsets: torch.Tensor, boundary: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions of real tokens in a padded batch, counting each row's prefix as tokens before them.
 
-    z = [PREFIX; x]: the row's first real token sits at position `offsets[row]` (its prefix length),
-    exactly as if the prefix were L tokens already in the cache (PEFT's convention too). attention_mask
-    (B, T) -> (B, T); padding slots get the row's offset (they are masked anyway).
+    Prefix, z = [PREFIX; x]: the row's first real token sits at position `offsets[row]` (its prefix
+    length), exactly as if the prefix were L tokens already in the cache (PEFT's convention too).
+    Infix, z = [x; INFIX; y]: tokens before `boundary[row]` (an index into the padded row) keep their
+    plain positions and the rest move up by the infix length. attention_mask (B, T) -> (B, T).
     """
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return pos + offsets.to(pos.device)[:, None]
+    shift = offsets.to(pos.device)[:, None].expand_as(pos)
+    if boundary is not None:
+        index = torch.arange(pos.shape[1], device=pos.device)[None]
+        shift = shift * (index >= boundary.to(pos.device)[:, None])
+    return pos + shift

@@ -25,6 +25,9 @@ class PrefixTuningModel(nn.Module):
                  text_format: TextFormat | None = None, *, _init: bool = True):
         super().__init__()
         self.config = (config or PrefixConfig()).validate()
+        if self.config.variant == "infix" and _compat.is_encoder_decoder(base):
+            raise ValueError("the infix variant is defined for decoder-only models ([x; INFIX; y]); "
+                             f"{base.config.model_type} is encoder-decoder: use variant='prefix'")
         self.text_format = (text_format or TextFormat()).validate()
         self.base = base
         self.tokenizer = tokenizer
@@ -86,11 +89,11 @@ class PrefixTuningModel(nn.Module):
         """The current prefix P, differentiable w.r.t. the trainable parameters."""
         if self.config.reparam == "embedding":
             found = inject.run_capture(self.base, inputs_embeds=self.virtual_embeddings[None].to(self._device()))
-            return PrefixKV({s: (k[0], v[0]) for s, (k, v) in found.items()})
+            return PrefixKV({s: (k[0], v[0]) for s, (k, v) in found.items()}, infix=self.config.variant == "infix")
         kv = {}
         for role, enc in self.encoders.items():
             kv.update(unflatten(enc(), role, self._role_shapes(role)))
-        return PrefixKV(kv)
+        return PrefixKV(kv, infix=self.config.variant == "infix")
 
     def finalize(self) -> PrefixKV:
         """Compute P once and replace the parametrisation by a plain table (drops P' and the MLP)."""
@@ -117,15 +120,24 @@ class PrefixTuningModel(nn.Module):
         """The base model's forward with this prefix on every row ([PREFIX; x] for decoder-only)."""
         return self.run(self.base, input_ids, attention_mask, **kwargs)
 
-    def run(self, module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """Call `module` (the base model, or its backbone) with the prefix active and positions after it."""
+    def run(self, module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            infix_boundary: torch.Tensor | None = None, **kwargs):
+        """Call `module` (the base model, or its backbone) with the prefix active and positions after it.
+
+        Infix variant: `infix_boundary` (B,) is the index of each row's separator token (the last source
+        token); it and everything after see the infix, the source before it does not.
+        """
         gen.check_ids(input_ids)
-        batch = broadcast(self.prefix_kv(), input_ids.shape[0])
+        infix = self.config.variant == "infix"
+        if infix and infix_boundary is None:
+            raise ValueError("the infix variant needs infix_boundary= (index of each row's last source token)")
+        boundary = infix_boundary if infix else None
+        batch = broadcast(self.prefix_kv(), input_ids.shape[0], boundary)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not _compat.is_encoder_decoder(self.base):
             offsets = torch.full((input_ids.shape[0],), self.config.prefix_length, device=input_ids.device)
-            kwargs.setdefault("position_ids", inject.position_ids(attention_mask, offsets))
+            kwargs.setdefault("position_ids", inject.position_ids(attention_mask, offsets, boundary))
         with inject.active(batch):
             return module(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 

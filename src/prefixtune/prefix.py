@@ -23,6 +23,8 @@ class PrefixKV:
     """A materialised prefix: kv[slot] = (key, value), each (KVH, L, D)."""
 
     kv: dict[Slot, KV]
+    infix: bool = False
+    """True for the infix ablation [x; INFIX; y]: only the separator and target tokens attend to it."""
 
     @property
     def length(self) -> int:
@@ -32,10 +34,11 @@ class PrefixKV:
         return {s: (int(k.shape[0]), int(k.shape[2])) for s, (k, _) in self.kv.items()}
 
     def detach(self) -> "PrefixKV":
-        return PrefixKV({s: (k.detach(), v.detach()) for s, (k, v) in self.kv.items()})
+        return PrefixKV({s: (k.detach(), v.detach()) for s, (k, v) in self.kv.items()}, self.infix)
 
     def to(self, device=None, dtype=None) -> "PrefixKV":
-        return PrefixKV({s: (k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)) for s, (k, v) in self.kv.items()})
+        return PrefixKV({s: (k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype))
+                         for s, (k, v) in self.kv.items()}, self.infix)
 
     def num_parameters(self) -> int:
         return sum(k.numel() + v.numel() for k, v in self.kv.values())
@@ -114,10 +117,11 @@ class PrefixEncoder(nn.Module):
 
 
 def stack(prefixes: Sequence[PrefixKV | None], slots: Sequence[Slot], shapes: dict[Slot, LayerShape],
-          device=None, dtype=torch.float32) -> PrefixBatch:
+          device=None, dtype=torch.float32, visible_from: torch.Tensor | None = None) -> PrefixBatch:
     """One `PrefixBatch` from per-row prefixes of any lengths (None: that row runs without a prefix).
 
     Rows are padded to the longest prefix with masked slots; shorter rows' real slots come first.
+    visible_from (B,): first sequence index that sees the row's prefix (infix rows), else None.
     """
     lengths = [0 if p is None else p.length for p in prefixes]
     longest = max(lengths + [1])
@@ -136,13 +140,13 @@ def stack(prefixes: Sequence[PrefixKV | None], slots: Sequence[Slot], shapes: di
                 key[i, :, : k.shape[1]] = k
                 value[i, :, : v.shape[1]] = v
         kv[slot] = (key, value)
-    return PrefixBatch(kv=kv, mask=mask)
+    return PrefixBatch(kv=kv, mask=mask, visible_from=visible_from)
 
 
-def broadcast(prefix: PrefixKV, batch_size: int) -> PrefixBatch:
+def broadcast(prefix: PrefixKV, batch_size: int, visible_from: torch.Tensor | None = None) -> PrefixBatch:
     """The same (possibly trainable) prefix for every row, without copying: gradients flow through."""
     kv = {s: (k.unsqueeze(0).expand(batch_size, *k.shape), v.unsqueeze(0).expand(batch_size, *v.shape))
           for s, (k, v) in prefix.kv.items()}
     k0 = next(iter(prefix.kv.values()))[0]
     mask = torch.ones(batch_size, prefix.length, dtype=torch.bool, device=k0.device)
-    return PrefixBatch(kv=kv, mask=mask)
+    return PrefixBatch(kv=kv, mask=mask, visible_from=visible_from)

@@ -94,7 +94,8 @@ class TargetLoss(nn.Module):
             logits = self.ptm(input_ids, attention_mask, labels=labels).logits
             return summed_loss(logits, labels, shift=False)
         backbone, head = _compat.backbone_and_head(self.ptm.base)
-        hidden = self.ptm.run(backbone, input_ids, attention_mask).last_hidden_state
+        boundary = (labels != -100).int().argmax(1) - 1  # the separator: last source token
+        hidden = self.ptm.run(backbone, input_ids, attention_mask, infix_boundary=boundary).last_hidden_state
         keep = labels[:, 1:] != -100  # logits only where a target token is predicted
         logits = head(hidden[:, :-1][keep])
         return summed_loss(logits[None], labels[:, 1:][keep][None], shift=False)
