@@ -64,7 +64,3 @@ def java_or_warn(metrics: str) -> str | None:
                       stacklevel=3)
     return java
 
-
-def ratio(numerator: float, denominator: float) -> float:
-    """``numerator / denominator``, 0 when the denominator is 0 (an empty corpus scores 0)."""
-    return numerator / denominator if denominator else 0.0
