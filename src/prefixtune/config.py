@@ -102,6 +102,12 @@ class GenerateConfig:
     """Forbid tokens that contain a newline (the paper's decoding for table-to-text)."""
     length_penalty: float = 1.0
     """Beam search length penalty (transformers' definition)."""
+    early_stopping: bool = True
+    """Beam search ends for a row once num_beams hypotheses are finished (classic beam search); False
+    keeps searching for longer, higher-scoring ones (transformers' default)."""
+    bf16: bool = False
+    """Decode under bf16 autocast: about 2x faster on CPUs with bf16 units; outputs may differ slightly
+    from fp32, and rows of a batch are then only approximately independent of their neighbours."""
     batch_size: int = 16
     """Rows per generation batch in the high-level helpers."""
     seed: int | None = None

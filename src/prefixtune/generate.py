@@ -72,6 +72,7 @@ def decoding_kwargs(tokenizer, config: GenerateConfig) -> dict:
     kwargs = dict(
         num_beams=config.num_beams, max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
         do_sample=config.do_sample, length_penalty=config.length_penalty,
+        early_stopping=config.early_stopping if config.num_beams > 1 else False,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     if config.do_sample:
@@ -120,7 +121,7 @@ def generate_texts(base: PreTrainedModel, tokenizer, prefixes: Sequence[PrefixKV
     for start in range(0, len(order), config.batch_size):
         rows = order[start : start + config.batch_size]
         ids, mask = encode_sources(tokenizer, base, [sources[i] for i in rows], [formats[i] for i in rows])
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             result = generate_ids(base, [prefixes[i] for i in rows], ids, mask, **kwargs)
         new = result if _compat.is_encoder_decoder(base) else result[:, ids.shape[1]:]
         for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):

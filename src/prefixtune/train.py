@@ -65,7 +65,7 @@ def load_training_data(cfg: TrainConfig):
     if cfg.train_size:
         train, dev = low_data_split(pool, cfg.train_size, cfg.seed)
         note = f"{len(train)} training and {len(dev)} dev pairs drawn with seed {cfg.seed} from {cfg.task}/{train_split}"
-    elif "dev" in spec.splits or cfg.dev_file:
+    elif cfg.dev_file or (cfg.train_file is None and "dev" in spec.splits):
         train = to_examples(pool)
         dev = to_examples(load_groups(cfg.task, "dev", cfg.data_dir, path=cfg.dev_file))
         note = f"{len(train)} training pairs ({cfg.task}/{train_split}), {len(dev)} dev pairs"
