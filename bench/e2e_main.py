@@ -1,0 +1,73 @@
+"""Run the README's main job (scripts/main.sh) and record what it measured.
+
+    python bench/e2e_main.py            # full E2E test set, beam 5 (the README's command)
+    LIMIT=64 python bench/e2e_main.py   # any scripts/main.sh variable passes through
+
+Writes bench/results/e2e_main.json and bench/results/e2e_main.md: scores (official E2E metrics), training
+and generation time, total wall time, prefix size, and the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, no GPU"
+
+
+def main() -> int:
+    train_size = os.environ.get("TRAIN_SIZE", "300")
+    run = ROOT / os.environ.get("RUN", f"runs/e2e-{train_size}")
+    start = time.time()
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "main.sh")], cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wall = time.time() - start
+    sys.stdout.write(proc.stdout[-4000:])
+    if proc.returncode:
+        print(f"scripts/main.sh failed with exit code {proc.returncode}", file=sys.stderr)
+        return proc.returncode
+    summary = json.loads((run / "train_summary.json").read_text())
+    report = json.loads((run / "eval" / "scores.json").read_text())
+    result = {
+        "command": "bash scripts/main.sh" + "".join(f" {k}={os.environ[k]}" for k in
+                                                    ("TRAIN_SIZE", "LIMIT", "BEAMS", "SEED") if k in os.environ),
+        "machine": machine(), "total_wall_seconds": round(wall, 1),
+        "train": summary, "eval": {k: report[k] for k in ("task", "split", "sources", "limited", "generation_seconds")},
+        "decoding": report["decoding"], "scores": report["scores"],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "e2e_main.json").write_text(json.dumps(result, indent=2) + "\n")
+    s = report["scores"]
+    (RESULTS / "e2e_main.md").write_text(
+        "| data | model | prefix | train | generate | total | BLEU | NIST | METEOR | ROUGE-L | CIDEr |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        f"| E2E: {summary['data'].split('.')[0]}; test {report['sources']} MRs | SmolLM2-135M-Instruct (frozen) "
+        f"| L=10, {summary['prefix_parameters']:,} params, {summary['prefix_bytes']:,} bytes "
+        f"| {summary['train_seconds']} s | {report['generation_seconds']} s | {wall:.0f} s "
+        f"| {s['bleu']:.2f} | {s['nist']:.2f} | {s['meteor']:.2f} | {s['rouge_l']:.2f} | {s['cider']:.3f} |\n\n"
+        f"Machine: {result['machine']}. Command: `{result['command']}`. Decoding: beam "
+        f"{report['decoding']['num_beams']}, bf16 autocast {report['decoding']['bf16']}.\n")
+    print((RESULTS / "e2e_main.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,464 @@
+"""`prefixtune serve`: one frozen base model, many prefixes (tasks), one HTTP server (FastAPI + uvicorn).
+
+Routes (documented on /docs): POST /v1/generate, GET /v1/tasks, PUT and DELETE /v1/tasks/{name},
+GET /health, GET /metrics. Rows of different tasks are decoded in the same batches by
+`serve_batcher.Batcher`; this module is the HTTP side: validation, errors, auth, streaming, the
+prefix directory (the server's only state) and the CLI glue. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import checkpoint
+from .config import GenerateConfig
+from .generate import encode_sources
+from .models import DEFAULT_MODEL, load_base_model
+from .multi import MultiPrefixModel, Task
+from .serve_batcher import Batcher, Metrics, QueueFull, Row
+from .serve_schema import (ERRORS, ApiError, GenerateRequest, GenerateResponse, Output, TaskInfo, TaskList, Timing,
+                           _error)
+
+logger = logging.getLogger("prefixtune.serve")
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""Task names (matched in full): a letter or digit, then up to 63 of letters, digits, '_', '.', '-'."""
+
+
+@dataclass
+class ServeSettings:
+    """Limits and behaviour of one server; each field has a `prefixtune serve` flag of the same name."""
+
+    prefix_dir: Path | None = None
+    """Each subdirectory holding a saved prefix is a task of that name; PUT /v1/tasks/{name} loads only from here."""
+    max_batch_size: int = 16
+    """Rows decoded together in one forward pass, tasks mixed: the main throughput lever."""
+    max_wait_ms: float = 10.0
+    """How long an idle worker waits for more rows before it starts: a little latency for fuller batches."""
+    max_queue: int = 256
+    """Rows that may wait for a batch slot; a request that does not fit gets 429 with Retry-After."""
+    max_input_tokens: int = 1024
+    """Longest accepted input, in tokens after the task's text format: bounds memory and prefill time."""
+    max_new_tokens: int = 256
+    """Largest max_new_tokens a request may ask for: bounds how long a row holds a batch slot."""
+    default_new_tokens: int = 64
+    """max_new_tokens of requests that do not set it."""
+    max_inputs_per_request: int = 32
+    """Inputs in one request's list, so one request cannot fill the queue alone."""
+    request_timeout_s: float = 120.0
+    """A request still unfinished after this long is answered 504 and its rows are cancelled."""
+    retry_after_s: int = 1
+    """Retry-After (seconds) sent with 429."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body; larger ones are refused with 413 before they are read in full."""
+    api_key: str | None = None
+    """When set, /v1/* and /metrics need `Authorization: Bearer KEY` or `X-API-Key: KEY`."""
+    mix_tasks: bool = True
+    """False: one task per batch (what an adapter-swapping server does); for comparisons only."""
+
+    def validate(self) -> "ServeSettings":
+        """Raise ValueError naming the first bad field; return self."""
+        for name, low in (("max_batch_size", 1), ("max_queue", 1), ("max_input_tokens", 1), ("max_new_tokens", 1),
+                          ("default_new_tokens", 1), ("max_inputs_per_request", 1), ("max_body_bytes", 1),
+                          ("request_timeout_s", 0.001), ("max_wait_ms", 0), ("retry_after_s", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"ServeSettings.{name} must be >= {low:g}, got {getattr(self, name)!r}")
+        if self.default_new_tokens > self.max_new_tokens:
+            raise ValueError(f"default_new_tokens ({self.default_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})")
+        return self
+
+
+# --- the prefix directory --------------------------------------------------------------------------
+def task_dir(root: Path, name: str) -> Path:
+    """Directory of task `name` in `root`; refuses bad names and anything that resolves outside `root`."""
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+        raise ApiError(400, "invalid_task_name", f"invalid task name {name!r}: use 1-64 letters, digits, '_', '.', '-', "
+                       "starting with a letter or digit")
+    base = root.resolve()
+    path = (base / name).resolve()
+    if path == base or not path.is_relative_to(base):
+        raise ApiError(400, "invalid_task_name", f"task {name!r} resolves outside the prefix directory; refused")
+    return path
+
+
+def load_task(multi: MultiPrefixModel, root: Path, name: str) -> Task:
+    """(Re)load task `name` from `root`/name (safetensors only, via checkpoint.load_for)."""
+    path = task_dir(root, name)
+    try:
+        return multi.add(name, path)
+    except FileNotFoundError:
+        raise ApiError(404, "prefix_not_found", f"task {name!r}: no saved prefix in the prefix directory (expected "
+                       f"{name}/{checkpoint.CONFIG_NAME} and {name}/{checkpoint.WEIGHTS_NAME})") from None
+    except ValueError as err:  # PrefixMismatchError or a damaged prefix; hide server paths
+        raise ApiError(422, "invalid_prefix", f"task {name!r}: " + str(err).replace(str(path), name)) from None
+
+
+def load_prefix_dir(multi: MultiPrefixModel, root: Path) -> list[str]:
+    """Load every task of `root` that is not loaded yet (explicit --prefix tasks win); skip broken ones."""
+    loaded, have = [], set(multi.tasks())
+    for sub in sorted(root.iterdir()):
+        if sub.name in have or not (sub / checkpoint.CONFIG_NAME).is_file():
+            continue
+        try:
+            load_task(multi, root, sub.name)
+            loaded.append(sub.name)
+        except ApiError as err:
+            logger.warning("skipping %s: %s", sub, err.message)
+    return loaded
+
+
+def _info(task: Task) -> TaskInfo:
+    return TaskInfo(name=task.name, prefix_length=task.prefix.length, num_parameters=task.prefix.num_parameters(),
+                    source=task.source)
+
+
+# --- the app ---------------------------------------------------------------------------------------
+class _Gate:
+    """ASGI middleware run before any body is read: API key, body size, and generate requests by status.
+
+    Checking here (not in a route dependency) answers 401/413 before the body is parsed.
+    """
+
+    def __init__(self, app, settings: ServeSettings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        counted = scope["path"] == "/v1/generate"
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            if counted:
+                self.metrics.request(refusal.status_code)
+            return await refusal(scope, receive, send)
+
+        async def counting_send(message):
+            if counted and message["type"] == "http.response.start":
+                self.metrics.request(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        key = self.settings.api_key
+        if key is not None and (scope["path"].startswith("/v1/") or scope["path"] == "/metrics"):
+            given = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ")
+            if not hmac.compare_digest(given, key.encode()):
+                return _error(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer KEY' or "
+                              "'X-API-Key: KEY'", {"WWW-Authenticate": "Bearer"})
+        length, limit = headers.get(b"content-length"), self.settings.max_body_bytes
+        if length is None and b"transfer-encoding" in headers:
+            return _error(411, "length_required", "send the body with a Content-Length header")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return _error(413, "body_too_large", f"request body of {length.decode(errors='replace')} bytes; "
+                          f"the limit is {limit}")
+        return None
+
+
+def create_app(multi: MultiPrefixModel, settings: ServeSettings) -> FastAPI:
+    """The server for `multi` (its tokenizer is required); also loads every prefix in settings.prefix_dir.
+
+    The batching worker starts with the app's lifespan (uvicorn runs it) and stops with it.
+    """
+    settings.validate()
+    if multi.tokenizer is None:
+        raise ValueError("serving needs MultiPrefixModel(base, tokenizer)")
+    if settings.prefix_dir is not None:
+        load_prefix_dir(multi, Path(settings.prefix_dir))
+    metrics = Metrics()
+    batcher = Batcher(multi, metrics, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
+                      max_queue=settings.max_queue, mix_tasks=settings.mix_tasks)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        batcher.start()
+        yield
+        await run_in_threadpool(batcher.stop)
+
+    app = FastAPI(title="prefixtune", lifespan=lifespan, responses={401: ERRORS[401]},
+                  description="Many prefix-tuned tasks served from one frozen model, mixed in every batch.")
+    app.state.batcher, app.state.metrics, app.state.settings = batcher, metrics, settings
+    app.add_middleware(_Gate, settings=settings, metrics=metrics)
+    _add_error_handlers(app)
+    generate = _Generate(multi, settings, batcher, metrics)
+    app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS,
+             summary="Generate for one task (one input or a list); stream=true for server-sent events")(generate.handle)
+
+    _task_routes(app, multi, settings)
+    _ops_routes(app, multi, batcher, metrics)
+    return app
+
+
+def _task_routes(app: FastAPI, multi: MultiPrefixModel, settings: ServeSettings) -> None:
+    @app.get("/v1/tasks", response_model=TaskList, summary="Loaded tasks")
+    async def list_tasks() -> TaskList:
+        return TaskList(tasks=[_info(t) for _, t in sorted(multi.tasks().items())])
+
+    @app.put("/v1/tasks/{name}", response_model=TaskInfo, responses=ERRORS,
+             summary="Load or reload a task from the prefix directory (201 when new)")
+    async def put_task(name: str) -> JSONResponse:
+        if settings.prefix_dir is None:
+            raise ApiError(400, "no_prefix_dir", "this server was started without a prefix directory")
+        new = name not in multi.tasks()
+        task = await run_in_threadpool(load_task, multi, Path(settings.prefix_dir), name)
+        return JSONResponse(_info(task).model_dump(), status_code=201 if new else 200)
+
+    @app.delete("/v1/tasks/{name}", responses=ERRORS, summary="Unload a task (files stay)")
+    async def delete_task(name: str) -> dict:
+        try:
+            multi.remove(name)
+        except KeyError as err:
+            raise ApiError(404, "unknown_task", err.args[0]) from None
+        return {"deleted": name}
+
+
+def _ops_routes(app: FastAPI, multi: MultiPrefixModel, batcher: Batcher, metrics: Metrics) -> None:
+    @app.get("/health", summary="Liveness and load (for load balancers)")
+    async def health() -> JSONResponse:
+        body = {"status": "ok" if batcher.alive else "worker_stopped", "tasks": len(multi.tasks()),
+                "queue_depth": batcher.queue_depth, "active_rows": batcher.active_rows}
+        return JSONResponse(body, status_code=200 if batcher.alive else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    async def metrics_text() -> PlainTextResponse:
+        gauges = {"prefixtune_queue_depth": ("Rows waiting for a batch slot.", batcher.queue_depth),
+                  "prefixtune_active_rows": ("Rows being decoded step by step.", batcher.active_rows),
+                  "prefixtune_tasks": ("Loaded tasks.", len(multi.tasks()))}
+        return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, err: ApiError) -> JSONResponse:
+        return _error(err.status, err.kind, err.message, err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
+        problems = err.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            detail = problems[0].get("ctx", {}).get("error", "")
+            return _error(400, "invalid_json", f"request body is not valid JSON: {detail}".rstrip(": "))
+        parts = [f"{'.'.join(str(x) for x in p['loc'][1:]) or 'body'}: {p['msg']} (got {p.get('input')!r})"
+                 for p in problems[:5]]
+        return _error(422, "invalid_request", "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        return _error(err.status_code, kind, str(err.detail))
+
+
+class _Generate:
+    """POST /v1/generate: validate, tokenize, queue the rows, then answer in one piece or as a stream."""
+
+    def __init__(self, multi: MultiPrefixModel, settings: ServeSettings, batcher: Batcher, metrics: Metrics):
+        self.multi, self.settings, self.batcher, self.metrics = multi, settings, batcher, metrics
+
+    async def handle(self, body: GenerateRequest, request: Request):
+        start = time.monotonic()
+        config = self._config(body)
+        task = self._task(body.task)
+        inputs = [body.input] if isinstance(body.input, str) else body.input
+        if not 1 <= len(inputs) <= self.settings.max_inputs_per_request:
+            raise ApiError(400, "invalid_request", f"input has {len(inputs)} items; give 1 to "
+                           f"{self.settings.max_inputs_per_request}")
+        queue: asyncio.Queue = asyncio.Queue()
+        rows = [self._row(i, text, task, config, body, queue) for i, text in enumerate(inputs)]
+        try:
+            self.batcher.submit(rows)
+        except QueueFull as err:
+            raise ApiError(429, "queue_full", f"server busy ({err}); retry later",
+                           {"Retry-After": str(self.settings.retry_after_s)}) from None
+        except RuntimeError as err:  # stopping
+            raise ApiError(503, "unavailable", str(err)) from None
+        events = self._events(rows, queue, start, None if body.stream else request)
+        if body.stream:
+            return StreamingResponse(self._sse(body.task, rows, events, start), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        done: dict[int, dict] = {}
+        async with contextlib.aclosing(events):
+            async for index, kind, data in events:
+                if kind == "error":
+                    raise ApiError(500, "generation_failed", data["message"])
+                done[index] = data
+        if len(done) < len(rows):
+            raise ApiError(499, "client_closed", "the client disconnected; the request's work was cancelled")
+        return self._response(body.task, [done[i] for i in range(len(rows))], start)
+
+    def _config(self, body: GenerateRequest) -> GenerateConfig:
+        limit = self.settings.max_new_tokens
+        new = self.settings.default_new_tokens if body.max_new_tokens is None else body.max_new_tokens
+        if new > limit:
+            raise ApiError(400, "invalid_request", f"max_new_tokens {new} exceeds this server's limit of {limit}")
+        config = GenerateConfig(num_beams=body.num_beams, max_new_tokens=new, min_new_tokens=body.min_new_tokens,
+                                do_sample=body.do_sample, temperature=body.temperature, top_p=body.top_p,
+                                block_newlines=body.block_newlines, length_penalty=body.length_penalty, seed=body.seed)
+        try:
+            config.validate()
+        except ValueError as err:
+            raise ApiError(400, "invalid_request", str(err)) from None
+        if config.do_sample and config.num_beams > 1:
+            raise ApiError(400, "invalid_request", f"do_sample with num_beams={config.num_beams} is not served: "
+                           "its output would depend on the other rows of the batch; use num_beams=1")
+        if body.stream and not self.batcher.stepwise(config):
+            raise ApiError(400, "invalid_request", f"stream=true needs num_beams=1 (got {config.num_beams}) "
+                           "and a decoder-only model")
+        return config
+
+    def _task(self, name: str) -> Task:
+        if not TASK_NAME.fullmatch(name):
+            raise ApiError(400, "invalid_task_name", f"invalid task name {name!r}")
+        task = self.multi.tasks().get(name)
+        if task is None:
+            raise ApiError(404, "unknown_task", f"unknown task {name!r}; loaded tasks: {sorted(self.multi.tasks())}")
+        return task
+
+    def _row(self, index: int, text: str, task: Task, config: GenerateConfig, body: GenerateRequest,
+             queue: asyncio.Queue) -> Row:
+        if not text.strip():
+            raise ApiError(400, "invalid_request", f"input {index} is empty: every input needs some text")
+        with self.batcher.tokenizer_lock:
+            ids, _ = encode_sources(self.multi.tokenizer, self.multi.base, [text], [task.text_format])
+        if ids.shape[1] > self.settings.max_input_tokens:
+            raise ApiError(400, "input_too_long", f"input {index} has {ids.shape[1]} tokens; this server accepts at "
+                           f"most {self.settings.max_input_tokens}")
+        if config.seed is not None:
+            config = dataclasses.replace(config, seed=config.seed + index)
+        loop = asyncio.get_running_loop()
+        emit = lambda kind, data: loop.call_soon_threadsafe(queue.put_nowait, (index, kind, data))  # noqa: E731
+        return Row(task.name, task.prefix, ids[0].tolist(), config, emit, stream=body.stream)
+
+    async def _events(self, rows: list[Row], queue: asyncio.Queue, start: float,
+                      request: Request | None) -> AsyncIterator[tuple[int, str, dict]]:
+        """The rows' events until each has ended; cancels what is left on timeout, disconnect or close."""
+        deadline, pending = start + self.settings.request_timeout_s, len(rows)
+        try:
+            while pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ApiError(504, "timeout", f"request did not finish within {self.settings.request_timeout_s} s")
+                try:
+                    index, kind, data = await asyncio.wait_for(queue.get(), min(left, 0.5))
+                except asyncio.TimeoutError:
+                    if request is not None and await request.is_disconnected():
+                        return
+                    continue
+                if kind != "token":
+                    pending -= 1
+                yield index, kind, data
+        finally:
+            self.batcher.cancel(rows)
+
+    async def _sse(self, task: str, rows: list[Row], events: AsyncIterator, start: float) -> AsyncIterator[str]:
+        done: dict[int, dict] = {}
+        try:
+            async for index, kind, data in events:
+                if kind == "error":
+                    yield _event("error", {"index": index, "type": "generation_failed", **data})
+                    return
+                if kind == "done":
+                    done[index] = data
+                else:
+                    yield _event("token", {"index": index, **data})
+        except ApiError as err:
+            yield _event("error", {"type": err.kind, "message": err.message})
+            return
+        yield _event("done", self._response(task, [done[i] for i in range(len(rows))], start).model_dump())
+
+    def _response(self, task: str, done: list[dict], start: float) -> GenerateResponse:
+        elapsed = time.monotonic() - start
+        self.metrics.observe(self.metrics.latency, elapsed)
+        outputs = [Output(**{k: d[k] for k in Output.model_fields}) for d in done]
+        timing = Timing(queue_ms=max(d["queue_ms"] for d in done), total_ms=1000 * elapsed)
+        return GenerateResponse(task=task, outputs=outputs, timing=timing)
+
+
+def _event(kind: str, data: dict) -> str:
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+# --- CLI (wired as `prefixtune serve` in cli.py) ------------------------------------------------------
+_LIMIT_FLAGS = {
+    "max_batch_size": "rows per forward pass, tasks mixed", "max_wait_ms": "wait for a fuller batch when idle",
+    "max_queue": "waiting rows before 429", "max_input_tokens": "longest input, in tokens",
+    "max_new_tokens": "cap on a request's max_new_tokens", "default_new_tokens": "max_new_tokens when unset",
+    "max_inputs_per_request": "inputs in one request", "request_timeout_s": "504 and cancel after this long",
+    "max_body_bytes": "largest request body",
+}
+"""ServeSettings fields that are plain numbers, with their flag help (`--max-batch-size` etc.)."""
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """All `prefixtune serve` flags."""
+    defaults = ServeSettings()
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, local dir or cached HF id (default {DEFAULT_MODEL})")
+    parser.add_argument("--prefix-dir", type=Path, required=True, help="directory of tasks: DIR/NAME/ holds a saved prefix")
+    parser.add_argument("--prefix", action="append", default=[], metavar="NAME=PATH",
+                        help="extra task from a saved prefix elsewhere (repeatable; wins over DIR/NAME)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("PREFIXTUNE_API_KEY"),
+                        help="require this key on /v1/* and /metrics (default: $PREFIXTUNE_API_KEY)")
+    for name, help_text in _LIMIT_FLAGS.items():
+        default = getattr(defaults, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                            help=f"{help_text} (default {default})")
+    parser.add_argument("--one-task-per-batch", action="store_true", help="do not mix tasks in a batch (comparisons)")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    """ServeSettings from parsed `add_cli_arguments` flags (validated)."""
+    limits = {name: getattr(args, name) for name in _LIMIT_FLAGS}
+    return ServeSettings(prefix_dir=args.prefix_dir, api_key=args.api_key or None, mix_tasks=not args.one_task_per_batch,
+                         **limits).validate()
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """`prefixtune serve`: load the model and prefixes, then serve until interrupted. Returns the exit code."""
+    import torch
+    import uvicorn
+
+    try:
+        settings = settings_from_args(args)
+        explicit = [spec.split("=", 1) for spec in args.prefix]
+        bad = [s for s, pair in zip(args.prefix, explicit) if len(pair) != 2 or not TASK_NAME.fullmatch(pair[0])]
+        if bad:
+            raise ValueError(f"--prefix wants NAME=PATH with a valid task name, got {bad[0]!r}")
+        if not Path(args.prefix_dir).is_dir():
+            raise ValueError(f"--prefix-dir {args.prefix_dir} is not a directory")
+    except ValueError as err:
+        print(f"prefixtune serve: {err}", file=sys.stderr)
+        return 2
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    model, tokenizer = load_base_model(args.model)
+    multi = MultiPrefixModel(model, tokenizer)
+    for name, path in explicit:
+        multi.add(name, path)
+    app = create_app(multi, settings)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        print(f"prefixtune serve: WARNING: listening on {args.host} without an API key", file=sys.stderr)
+    print(f"prefixtune serve: {len(multi.tasks())} tasks on http://{args.host}:{args.port} (docs: /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,84 @@
+"""The HTTP API's schema: request/response bodies (the OpenAPI page) and the JSON error shape."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"type", "message"}}` with an HTTP status."""
+
+    def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.message, self.headers = status, kind, message, headers
+
+
+def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
+# --- request and response bodies (the OpenAPI schema) ------------------------------------------------
+class GenerateRequest(BaseModel):
+    """One task, one input or a list of inputs, and decoding options (default: greedy)."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: str = Field(description="Name of a loaded task (GET /v1/tasks).", examples=["e2e"])
+    input: str | list[str] = Field(description="A source text, or a list of them (one output each, in order).")
+    max_new_tokens: int | None = Field(None, description="Tokens to generate at most (default and cap: server settings).")
+    min_new_tokens: int = Field(0, description="The end-of-text token is blocked before this many tokens.")
+    num_beams: int = Field(1, description="1: greedy or sampling (streamable); more: beam search.")
+    do_sample: bool = Field(False, description="Sample (with num_beams=1) instead of greedy decoding.")
+    temperature: float = Field(1.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, description="Nucleus sampling threshold.")
+    block_newlines: bool = Field(True, description="Forbid tokens containing a newline (the paper's decoding).")
+    length_penalty: float = Field(1.0, description="Beam search length penalty.")
+    seed: int | None = Field(None, description="Sampling seed; input k of the list samples with seed + k.")
+    stream: bool = Field(False, description="Answer with server-sent events: token deltas, then the full result.")
+
+
+class Output(BaseModel):
+    text: str
+    input_tokens: int = Field(description="Prompt tokens (the input in the task's text format).")
+    output_tokens: int = Field(description="Generated tokens, the end-of-text token included.")
+    finish_reason: Literal["stop", "length"] = Field(description="stop: end-of-text; length: max_new_tokens reached.")
+
+
+class Timing(BaseModel):
+    queue_ms: float = Field(description="Longest wait of the request's rows before decoding started.")
+    total_ms: float = Field(description="Time from request arrival to the answer.")
+
+
+class GenerateResponse(BaseModel):
+    task: str
+    outputs: list[Output]
+    timing: Timing
+
+
+class TaskInfo(BaseModel):
+    name: str
+    prefix_length: int
+    num_parameters: int
+    source: str = Field(description="Where the prefix was loaded from ('' when added in memory).")
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskInfo]
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="Machine-readable kind, e.g. unknown_task, input_too_long, queue_full.")
+    message: str = Field(description="What was wrong, with the offending value.")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in {
+    400: "Invalid request (bad JSON, bad options, input too long, invalid task name).",
+    401: "Missing or wrong API key.", 404: "Unknown task.", 413: "Request body too large.",
+    422: "Body does not match the schema.", 429: "Queue full: retry after Retry-After seconds.",
+    504: "Request timed out; its work was cancelled."}.items()}
