@@ -24,7 +24,7 @@ def _field_docs(cls) -> dict[str, str]:
     body, docs = tree.body[0].body, {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+            docs[node.target.id] = " ".join(str(nxt.value.value).split()).replace("%", "%%")  # argparse formats help
     return docs
 
 
@@ -53,7 +53,7 @@ def _parse_prefixes(items: list[str]) -> dict[str, str]:
     for item in items or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"error: --prefix expects NAME=DIR, got {item!r}")
+            raise ValueError(f"--prefix expects NAME=DIR, got {item!r}")
         out[name] = path
     return out
 
@@ -87,11 +87,11 @@ def cmd_generate(args) -> int:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
-            raise SystemExit(f"error: {args.input or 'stdin'} line {n} is not JSON: {err}")
+            raise ValueError(f"{args.input or 'stdin'} line {n} is not JSON: {err}") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("input"), str):
-            raise SystemExit(f"error: line {n} needs an object with a string 'input' (and a 'task'), got {line.strip()[:80]!r}")
+            raise ValueError(f"line {n} needs an object with a string 'input' (and a 'task'), got {line.strip()[:80]!r}")
         if rec.get("task") is not None and rec["task"] not in prefixes:
-            raise SystemExit(f"error: line {n} asks for task {rec['task']!r}; --prefix gave {sorted(prefixes) or 'none'}")
+            raise ValueError(f"line {n} asks for task {rec['task']!r}; --prefix gave {sorted(prefixes) or 'none'}")
         records.append(rec)
     multi = _load_multi(args.model, prefixes)
     outputs = multi.generate([r["input"] for r in records], [r.get("task") for r in records],
@@ -128,7 +128,7 @@ def cmd_score(args) -> int:
     else:
         groups = load_groups(args.task, args.split, args.data_dir, path=args.file)
     if len(predictions) != len(groups):
-        raise SystemExit(f"error: {args.predictions} has {len(predictions)} predictions but {args.task}/{args.split} "
+        raise ValueError(f"{args.predictions} has {len(predictions)} predictions but {args.task}/{args.split} "
                          f"has {len(groups)} sources (one line per source, in dataset order)")
     scores = score(args.task, predictions, groups)
     print(json.dumps(scores) if args.json else format_table(args.task, scores))

@@ -34,7 +34,8 @@ from .config import GenerateConfig
 from .generate import encode_sources
 from .models import DEFAULT_MODEL, load_base_model
 from .multi import MultiPrefixModel, Task
-from .serve_batcher import Batcher, Metrics, QueueFull, Row
+from .serve_batcher import Batcher, QueueFull, Row
+from .serve_metrics import Metrics
 from .serve_schema import (ERRORS, ApiError, GenerateRequest, GenerateResponse, Output, TaskInfo, TaskList, Timing,
                            _error)
 
