@@ -131,3 +131,40 @@ def test_lr_schedule_warmup_then_linear_decay():
 def test_resume_without_state_is_refused(tiny_dir, tmp_path, capsys):
     assert main(_train_args(tiny_dir, tmp_path / "none", "--resume")) == 2
     assert "holds no resume state" in capsys.readouterr().err
+
+
+def test_encoder_decoder_summarization_from_jsonl_files(tmp_path):
+    from conftest import save_tiny
+
+    model_dir = save_tiny(tmp_path / "bart", "bart")
+    rows = [{"document": f"document number {i} talks about topic {i % 3}", "summary": f"topic {i % 3}"}
+            for i in range(12)]
+    train_file, dev_file = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
+    dev_file.write_text("".join(json.dumps(r) + "\n" for r in rows[10:]))
+    out = tmp_path / "run"
+    assert main(["train", "--task", "summarization", "--model", model_dir, "--train-file", str(train_file),
+                 "--dev-file", str(dev_file), "--output", str(out), "--epochs", "2", "--batch-size", "5",
+                 "--prefix-length", "3", "--mlp-hidden", "16", "--no-progress"]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and "2 dev pairs" in summary["data"]
+    meta = json.loads((out / "prefix_config.json").read_text())
+    assert {k.split(".")[0] for k in load_file(out / "prefix.safetensors")} == {"encoder", "self", "cross"}
+    assert meta["base_model"]["model_type"] == "bart"
+    assert main(["evaluate", "--model", model_dir, "--prefix", str(out), "--task", "summarization",
+                 "--file", str(dev_file), "--split", "dev", "--output", str(tmp_path / "eval"),
+                 "--num-beams", "2", "--max-new-tokens", "4", "--min-new-tokens", "1"]) == 0
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())["scores"]
+    assert set(scores) == {"rouge1", "rouge2", "rougeL"}
+
+
+def test_webnlg_evaluate_reports_seen_unseen_all(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--task", "webnlg", "--model", tiny_dir, "--output", str(out), "--train-size", "10",
+                 "--batch-size", "5", "--max-steps", "2", "--prefix-length", "2", "--mlp-hidden", "8",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", tiny_dir, "--prefix", str(out), "--task", "webnlg", "--limit", "3",
+                 "--output", str(tmp_path / "eval"), "--num-beams", "1", "--max-new-tokens", "4", "--min-new-tokens", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "seen" in printed and "unseen" in printed and "all" in printed
