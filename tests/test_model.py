@@ -157,3 +157,29 @@ def test_empty_input_and_missing_tokenizer():
         ptm(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="needs a tokenizer"):
         PrefixTuningModel(tiny_model("gpt2"), PrefixConfig(init_text="hello"))
+
+
+def _prefix_grads(ptm, ids):
+    ptm.zero_grad()
+    ptm(ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in ptm.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_keeps_the_prefix_in_recomputation():
+    ids = torch.randint(0, 250, (2, 7))
+    plain = PrefixTuningModel(tiny_model("llama"), PrefixConfig(prefix_length=3, mlp_hidden=16))
+    plain.base.train()  # same mode as the checkpointed run; the tiny llama has no dropout
+    expected = _prefix_grads(plain, ids)
+    ckpt = PrefixTuningModel(tiny_model("llama"), PrefixConfig(prefix_length=3, mlp_hidden=16))
+    ckpt.enable_gradient_checkpointing()
+    ckpt.base.train()
+    got = _prefix_grads(ckpt, ids)
+    assert all(torch.allclose(expected[n], got[n], atol=1e-6) for n in expected)
+
+
+def test_checkpointing_enabled_behind_our_back_is_refused():
+    ptm = PrefixTuningModel(tiny_model("llama"), PrefixConfig(prefix_length=3))
+    ptm.base.activation_checkpointing_enable()
+    ptm.base.train()
+    with pytest.raises(ValueError, match="enable_gradient_checkpointing"):
+        ptm(torch.randint(0, 250, (1, 4)))

@@ -141,3 +141,29 @@ def backbone_and_head(model: PreTrainedModel) -> tuple[nn.Module, nn.Module]:
     soft-caps logits after the head.
     """
     return model.base_model, model.get_output_embeddings()
+
+
+def checkpointing_without(model: PreTrainedModel, context_fn) -> bool:
+    """True when activation checkpointing is on and would recompute without `context_fn`.
+
+    transformers keeps the checkpoint function (a functools.partial of torch's checkpoint) on each
+    GradientCheckpointingLayer; its keywords show whether our context_fn was passed.
+    """
+    if not (getattr(model, "is_activation_checkpointing", False) and model.training):
+        return False
+    for module in model.modules():
+        fn = getattr(module, "_gradient_checkpointing_func", None)
+        if fn is not None and getattr(module, "gradient_checkpointing", False):
+            return getattr(fn, "keywords", {}).get("context_fn") is not context_fn
+    return False
+
+
+def enable_checkpointing(model: PreTrainedModel, context_fn) -> None:
+    """Non-reentrant activation checkpointing whose recomputation runs inside `context_fn`'s context.
+
+    transformers 5.x renamed gradient_checkpointing_enable to activation_checkpointing_enable."""
+    kwargs = {"use_reentrant": False, "context_fn": context_fn}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

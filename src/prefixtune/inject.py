@@ -86,6 +86,15 @@ def active(batch: PrefixBatch | None) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def checkpoint_context() -> tuple:
+    """`context_fn` for torch's non-reentrant activation checkpointing.
+
+    Recomputation runs during backward, outside the `active(...)` block of the forward pass; this
+    re-activates the forward pass's prefixes for it, so recomputed attention sees the same prefix.
+    """
+    return contextlib.nullcontext(), active(_ACTIVE.get())
+
+
 @contextlib.contextmanager
 def capture() -> Iterator[dict[Slot, KV]]:
     """Record the keys/values every attention slot computes (post-rotary), e.g. to init from words."""

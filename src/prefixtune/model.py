@@ -111,6 +111,13 @@ class PrefixTuningModel(nn.Module):
             self.encoders[role] = enc
         return final
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward to save memory; recomputation re-enters the prefix context.
+
+        transformers only checkpoints modules in training mode: call `base.train()` too (and mind the
+        base model's dropout, which the paper keeps off)."""
+        _compat.enable_checkpointing(self.base, inject.checkpoint_context)
+
     def num_prefix_parameters(self) -> int:
         """Numbers in the final prefix P (what is saved), not counting the MLP."""
         return sum(2 * self.config.prefix_length * h * d for h, d in self.shapes.values())
@@ -128,6 +135,9 @@ class PrefixTuningModel(nn.Module):
         token); it and everything after see the infix, the source before it does not.
         """
         gen.check_ids(input_ids)
+        if _compat.checkpointing_without(self.base, inject.checkpoint_context):
+            raise ValueError("gradient checkpointing was enabled on the base model directly; its recomputation "
+                             "would run without the prefix. Use PrefixTuningModel.enable_gradient_checkpointing()")
         infix = self.config.variant == "infix"
         if infix and infix_boundary is None:
             raise ValueError("the infix variant needs infix_boundary= (index of each row's last source token)")
