@@ -177,20 +177,33 @@ def train(cfg: TrainConfig) -> dict:
     log = RunLog(out, acc.is_main_process, counters["step"] if cfg.resume else None, cfg.progress)
     log.header(cfg, note, ptm, bf16, total)
     loop = _Loop(cfg, acc, model, ptm, optimizer, counters, log, train_rows, dev_rows, tokenizer.pad_token_id,
-                 autocast, total, steps_per_epoch, note)
+                 autocast, int(total), steps_per_epoch, note)
     return loop.run()
 
 
+@dataclasses.dataclass
 class _Loop:
     """The optimisation loop's state, split out of `train` to keep each part short."""
 
-    def __init__(self, cfg, acc, model, ptm, optimizer, counters, log, train_rows, dev_rows, pad_id, autocast,
-                 total, steps_per_epoch, note):
-        self.__dict__.update(locals())
-        del self.__dict__["self"]
-        self.enc_dec = _compat.is_encoder_decoder(ptm.base)
-        self.loss_fn = TargetLoss(ptm)
-        self.eval_every = cfg.eval_every or steps_per_epoch
+    cfg: TrainConfig
+    acc: object  # accelerate.Accelerator
+    model: nn.Module  # TargetLoss, DDP-wrapped when distributed
+    ptm: PrefixTuningModel
+    optimizer: torch.optim.Optimizer
+    counters: dict  # step, best_dev, bad_evals, elapsed: what a resume restores
+    log: RunLog
+    train_rows: list[Encoded]
+    dev_rows: list[Encoded]
+    pad_id: int
+    autocast: object
+    total: int
+    steps_per_epoch: int
+    note: str
+
+    def __post_init__(self) -> None:
+        self.enc_dec = _compat.is_encoder_decoder(self.ptm.base)
+        self.loss_fn = TargetLoss(self.ptm)
+        self.eval_every = self.cfg.eval_every or self.steps_per_epoch
 
     def run(self) -> dict:
         c, cfg = self.counters, self.cfg
