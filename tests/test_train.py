@@ -168,3 +168,17 @@ def test_webnlg_evaluate_reports_seen_unseen_all(tiny_dir, tmp_path, capsys):
                  "--output", str(tmp_path / "eval"), "--num-beams", "1", "--max-new-tokens", "4", "--min-new-tokens", "1"]) == 0
     printed = capsys.readouterr().out
     assert "seen" in printed and "unseen" in printed and "all" in printed
+
+
+@pytest.mark.parametrize("options", [["--variant", "infix"], ["--reparam", "embedding", "--init-text", "table-to-text:"],
+                                     ["--reparam", "table", "--grad-accum", "2"]])
+def test_ablation_variants_train_save_and_generate(tiny_dir, tmp_path, options):
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_dir, out, "--max-steps", "2", *options)) == 0
+    meta = json.loads((out / "prefix_config.json").read_text())
+    assert meta["prefix_config"]["reparam"] == (options[1] if options[0] == "--reparam" else "mlp")
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"task": "t", "input": "name[The Eagle]"}\n')
+    assert main(["generate", "--model", tiny_dir, "--prefix", f"t={out}", "--input", str(inputs),
+                 "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "5"]) == 0
+    assert json.loads((tmp_path / "out.jsonl").read_text())["output"] is not None
