@@ -1,0 +1,127 @@
+"""Low-data E2E (the paper's Table/Figure: prefix-tuning vs fine-tuning with 50-500 training pairs).
+
+    python bench/lowdata.py                    # sizes 50 200, seed 0, 100 optimizer steps, first 100 test MRs
+    SIZES="50 100 200 500" SEEDS="0 1" STEPS=200 LIMIT=630 python bench/lowdata.py
+
+Both methods see the same subsample, batch size, number of steps, text format and decoding (greedy; the
+paper uses beam 5) on SmolLM2-135M-Instruct; only what is trained differs: the prefix (L=10, MLP
+reparametrisation, lr 5e-4) or every weight of the model (lr 5e-5, the paper's fine-tuning rate).
+Scores are the official E2E metrics. Writes bench/results/lowdata.json and lowdata.md. Each finished run
+is kept in the JSON, so an interrupted bench resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from e2e_main import machine  # noqa: E402
+
+from prefixtune import GenerateConfig, MultiPrefixModel, load_base_model  # noqa: E402
+from prefixtune.config import TextFormat, TrainConfig  # noqa: E402
+from prefixtune.data import collate, encode, epoch_order  # noqa: E402
+from prefixtune.evaluate import score  # noqa: E402
+from prefixtune.tasks import load_groups, low_data_split  # noqa: E402
+from prefixtune.train import train  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "lowdata.json"
+
+
+def _evaluate(base, tok, prefix_dir, limit: int) -> dict:
+    groups = load_groups("e2e", "test")[:limit]
+    multi = MultiPrefixModel(base, tok)
+    task = None
+    if prefix_dir is not None:
+        multi.add("e2e", prefix_dir)
+        task = "e2e"
+    start = time.time()
+    preds = multi.generate([g.source for g in groups], [task] * len(groups),
+                           GenerateConfig(num_beams=1, batch_size=32, bf16=True))
+    return {"scores": score("e2e", preds, groups), "generation_seconds": round(time.time() - start, 1),
+            "sample": preds[:2]}
+
+
+def run_prefix(size: int, seed: int, steps: int, limit: int) -> dict:
+    out = ROOT / "runs" / f"lowdata-prefix-{size}-{seed}"
+    summary = train(TrainConfig(task="e2e", train_size=size, seed=seed, output=str(out), prefix_length=10,
+                                lr=5e-4, batch_size=10, epochs=10_000, max_steps=steps, eval_every=max(1, steps // 5),
+                                progress=False))
+    base, tok = load_base_model()
+    return {"train_seconds": summary["train_seconds"], "trained_parameters": summary["prefix_parameters"],
+            **_evaluate(base, tok, out, limit)}
+
+
+def run_finetune(size: int, seed: int, steps: int, limit: int) -> dict:
+    """Full fine-tuning with the same data, steps and loss (target tokens only); no keep-best."""
+    torch.manual_seed(seed)
+    base, tok = load_base_model()
+    train_ex, _ = low_data_split(load_groups("e2e", "train"), size, seed)
+    rows = encode(train_ex, tok, TextFormat(), encoder_decoder=False)
+    optimizer = torch.optim.AdamW(base.parameters(), lr=5e-5, weight_decay=0.0)
+    start, per_epoch = time.time(), len(rows) // 10
+    for step in range(steps):
+        epoch, index = divmod(step, per_epoch)
+        order = epoch_order(len(rows), seed, epoch)[index * 10 : (index + 1) * 10]
+        batch = collate([rows[i] for i in order], tok.pad_token_id, False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = base(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(base.parameters(), 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = 5e-5 * (steps - step) / steps
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    train_seconds = round(time.time() - start, 1)
+    base.eval()
+    return {"train_seconds": train_seconds, "trained_parameters": sum(p.numel() for p in base.parameters()),
+            **_evaluate(base, tok, None, limit)}
+
+
+def write_table(results: dict, meta: dict) -> None:
+    lines = ["| train pairs | seed | method | trained params | BLEU | NIST | METEOR | ROUGE-L | CIDEr | train s |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key in sorted(results, key=lambda k: (int(k.split("/")[0]), int(k.split("/")[1]), k.split("/")[2])):
+        size, seed, method = key.split("/")
+        r, s = results[key], results[key]["scores"]
+        lines.append(f"| {size} | {seed} | {method} | {r['trained_parameters']:,} | {s['bleu']:.2f} | {s['nist']:.2f} "
+                     f"| {s['meteor']:.2f} | {s['rouge_l']:.2f} | {s['cider']:.3f} | {r['train_seconds']} |")
+    (RESULTS.with_suffix(".md")).write_text(
+        "\n".join(lines) + f"\n\nMachine: {machine()}. Test: first {meta.get('limit')} E2E test MRs, greedy, "
+        f"bf16 autocast. {meta.get('steps')} optimizer steps of 10 pairs for both methods. Command: "
+        f"`{meta.get('command')}`.\n")
+
+
+def main() -> int:
+    sizes = [int(x) for x in os.environ.get("SIZES", "50 200").split()]
+    seeds = [int(x) for x in os.environ.get("SEEDS", "0").split()]
+    steps, limit = int(os.environ.get("STEPS", "100")), int(os.environ.get("LIMIT", "100"))
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    meta = {"steps": steps, "limit": limit, "command": "python bench/lowdata.py " + " ".join(
+        f"{k}={os.environ[k]!r}" for k in ("SIZES", "SEEDS", "STEPS", "LIMIT") if k in os.environ)}
+    if results.get("_meta", meta) != meta:
+        results = {}  # other settings: start over rather than mix incomparable runs
+    results["_meta"] = meta
+    for size in sizes:
+        for seed in seeds:
+            for method, fn in (("prefix", run_prefix), ("finetune", run_finetune)):
+                key = f"{size}/{seed}/{method}"
+                if key in results:
+                    continue
+                results[key] = fn(size, seed, steps, limit)
+                RESULTS.parent.mkdir(parents=True, exist_ok=True)
+                RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+                print(key, results[key]["scores"], flush=True)
+    write_table({k: v for k, v in results.items() if k != "_meta"}, meta)
+    print(RESULTS.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
