@@ -1,13 +1,15 @@
 """Low-data E2E (the paper's Table/Figure: prefix-tuning vs fine-tuning with 50-500 training pairs).
 
     python bench/lowdata.py                    # sizes 50 200, seed 0, 100 optimizer steps, first 100 test MRs
-    SIZES="50 100 200 500" SEEDS="0 1" STEPS=200 LIMIT=630 python bench/lowdata.py
+    SIZES="50 100 200 500" SEEDS="0 1" STEPS=200 LIMIT=630 METHODS="prefix finetune" python bench/lowdata.py
 
 Both methods see the same subsample, batch size, number of steps, text format and decoding (greedy; the
-paper uses beam 5) on SmolLM2-135M-Instruct; only what is trained differs: the prefix (L=10, MLP
-reparametrisation, lr 5e-4) or every weight of the model (lr 5e-5, the paper's fine-tuning rate).
+paper uses beam 5) on SmolLM2-135M-Instruct; only what is trained differs: the prefix (MLP
+reparametrisation, lr 5e-4, initialised from the activations of "table-to-text:" as in the paper, so L is
+that text's token count; "prefix-random" is the same with random init and L=10) or every weight of the model (lr 5e-5, the paper's fine-tuning rate).
 Scores are the official E2E metrics. Writes bench/results/lowdata.json and lowdata.md. Each finished run
-is kept in the JSON, so an interrupted bench resumes where it stopped.
+is kept in the JSON, so an interrupted bench resumes where it stopped. Other STEPS or LIMIT write to
+lowdata-steps{STEPS}-limit{LIMIT}.json/.md, so runs with different settings never mix.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from prefixtune.evaluate import score  # noqa: E402
 from prefixtune.tasks import load_groups, low_data_split  # noqa: E402
 from prefixtune.train import train  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "lowdata.json"
+RESULTS_DIR = ROOT / "bench" / "results"
+INIT_TEXT = "table-to-text:"
 
 
 def _evaluate(base, tok, prefix_dir, limit: int) -> dict:
@@ -48,14 +51,20 @@ def _evaluate(base, tok, prefix_dir, limit: int) -> dict:
             "sample": preds[:2]}
 
 
-def run_prefix(size: int, seed: int, steps: int, limit: int) -> dict:
-    out = ROOT / "runs" / f"lowdata-prefix-{size}-{seed}"
+def run_prefix(size: int, seed: int, steps: int, limit: int, init_text: str | None = INIT_TEXT) -> dict:
+    """The paper's low-data prefix: initialised from the activations of "table-to-text:" (L = its tokens)."""
+    out = ROOT / "runs" / f"lowdata-prefix{'' if init_text else '-random'}-{size}-{seed}"
     summary = train(TrainConfig(task="e2e", train_size=size, seed=seed, output=str(out), prefix_length=10,
-                                lr=5e-4, batch_size=10, epochs=10_000, max_steps=steps, eval_every=max(1, steps // 5),
-                                progress=False))
+                                init_text=init_text, lr=5e-4, batch_size=10, epochs=10_000, max_steps=steps,
+                                eval_every=max(1, steps // 5), progress=False))
     base, tok = load_base_model()
     return {"train_seconds": summary["train_seconds"], "trained_parameters": summary["prefix_parameters"],
             **_evaluate(base, tok, out, limit)}
+
+
+def _run_prefix_random(size: int, seed: int, steps: int, limit: int) -> dict:
+    """Ablation: the same prefix with random init, L=10."""
+    return run_prefix(size, seed, steps, limit, init_text=None)
 
 
 def run_finetune(size: int, seed: int, steps: int, limit: int) -> dict:
@@ -84,7 +93,10 @@ def run_finetune(size: int, seed: int, steps: int, limit: int) -> dict:
             **_evaluate(base, tok, None, limit)}
 
 
-def write_table(results: dict, meta: dict) -> None:
+METHODS = {"prefix": run_prefix, "prefix-random": _run_prefix_random, "finetune": run_finetune}
+
+
+def write_table(results: dict, meta: dict, path: Path) -> None:
     lines = ["| train pairs | seed | method | trained params | BLEU | NIST | METEOR | ROUGE-L | CIDEr | train s |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key in sorted(results, key=lambda k: (int(k.split("/")[0]), int(k.split("/")[1]), k.split("/")[2])):
@@ -92,7 +104,7 @@ def write_table(results: dict, meta: dict) -> None:
         r, s = results[key], results[key]["scores"]
         lines.append(f"| {size} | {seed} | {method} | {r['trained_parameters']:,} | {s['bleu']:.2f} | {s['nist']:.2f} "
                      f"| {s['meteor']:.2f} | {s['rouge_l']:.2f} | {s['cider']:.3f} | {r['train_seconds']} |")
-    (RESULTS.with_suffix(".md")).write_text(
+    path.with_suffix(".md").write_text(
         "\n".join(lines) + f"\n\nMachine: {machine()}. Test: first {meta.get('limit')} E2E test MRs, greedy, "
         f"bf16 autocast. {meta.get('steps')} optimizer steps of 10 pairs for both methods. Command: "
         f"`{meta.get('command')}`.\n")
@@ -102,24 +114,26 @@ def main() -> int:
     sizes = [int(x) for x in os.environ.get("SIZES", "50 200").split()]
     seeds = [int(x) for x in os.environ.get("SEEDS", "0").split()]
     steps, limit = int(os.environ.get("STEPS", "100")), int(os.environ.get("LIMIT", "100"))
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    methods = os.environ.get("METHODS", " ".join(METHODS)).split()
+    if unknown := set(methods) - set(METHODS):
+        raise SystemExit(f"unknown METHODS {sorted(unknown)}; choose from {list(METHODS)}")
+    path = RESULTS_DIR / ("lowdata.json" if (steps, limit) == (100, 100) else f"lowdata-steps{steps}-limit{limit}.json")
+    results = json.loads(path.read_text()) if path.is_file() else {}
     meta = {"steps": steps, "limit": limit, "command": "python bench/lowdata.py " + " ".join(
-        f"{k}={os.environ[k]!r}" for k in ("SIZES", "SEEDS", "STEPS", "LIMIT") if k in os.environ)}
-    if results.get("_meta", meta) != meta:
-        results = {}  # other settings: start over rather than mix incomparable runs
+        f"{k}={os.environ[k]!r}" for k in ("SIZES", "SEEDS", "STEPS", "LIMIT", "METHODS") if k in os.environ)}
     results["_meta"] = meta
     for size in sizes:
         for seed in seeds:
-            for method, fn in (("prefix", run_prefix), ("finetune", run_finetune)):
+            for method in methods:
                 key = f"{size}/{seed}/{method}"
                 if key in results:
                     continue
-                results[key] = fn(size, seed, steps, limit)
-                RESULTS.parent.mkdir(parents=True, exist_ok=True)
-                RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+                results[key] = METHODS[method](size, seed, steps, limit)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(results, indent=2) + "\n")
                 print(key, results[key]["scores"], flush=True)
-    write_table({k: v for k, v in results.items() if k != "_meta"}, meta)
-    print(RESULTS.with_suffix(".md").read_text())
+    write_table({k: v for k, v in results.items() if k != "_meta"}, meta, path)
+    print(path.with_suffix(".md").read_text())
     return 0
 
 

@@ -2,46 +2,37 @@
 
 Routes (documented on /docs): POST /v1/generate, GET /v1/tasks, PUT and DELETE /v1/tasks/{name},
 GET /health, GET /metrics. Rows of different tasks are decoded in the same batches by
-`serve_batcher.Batcher`; this module is the HTTP side: validation, errors, auth, streaming, the
-prefix directory (the server's only state) and the CLI glue. See docs/serving.md.
+`serve_batcher.Batcher`; `serve_generate` answers /v1/generate; this module is the rest of the
+HTTP side: the app, errors, auth, the prefix directory (the server's only state) and the CLI glue.
+See docs/serving.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import dataclasses
 import hmac
-import json
 import logging
 import os
-import re
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import checkpoint
-from .config import GenerateConfig
-from .generate import encode_sources
 from .models import DEFAULT_MODEL, load_base_model
 from .multi import MultiPrefixModel, Task
-from .serve_batcher import Batcher, QueueFull, Row
+from .serve_batcher import Batcher
+from .serve_generate import GenerateRoute
 from .serve_metrics import Metrics
-from .serve_schema import (ERRORS, ApiError, GenerateRequest, GenerateResponse, Output, TaskInfo, TaskList, Timing,
-                           _error)
+from .serve_schema import ERRORS, TASK_NAME, ApiError, GenerateResponse, TaskInfo, TaskList, _error
 
 logger = logging.getLogger("prefixtune.serve")
-TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-"""Task names (matched in full): a letter or digit, then up to 63 of letters, digits, '_', '.', '-'."""
 
 
 @dataclass
@@ -200,7 +191,7 @@ def create_app(multi: MultiPrefixModel, settings: ServeSettings) -> FastAPI:
     app.state.batcher, app.state.metrics, app.state.settings = batcher, metrics, settings
     app.add_middleware(_Gate, settings=settings, metrics=metrics)
     _add_error_handlers(app)
-    generate = _Generate(multi, settings, batcher, metrics)
+    generate = GenerateRoute(multi, settings, batcher, metrics)
     app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS,
              summary="Generate for one task (one input or a list); stream=true for server-sent events")(generate.handle)
 
@@ -266,135 +257,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
         return _error(err.status_code, kind, str(err.detail))
-
-
-class _Generate:
-    """POST /v1/generate: validate, tokenize, queue the rows, then answer in one piece or as a stream."""
-
-    def __init__(self, multi: MultiPrefixModel, settings: ServeSettings, batcher: Batcher, metrics: Metrics):
-        self.multi, self.settings, self.batcher, self.metrics = multi, settings, batcher, metrics
-
-    async def handle(self, body: GenerateRequest, request: Request):
-        start = time.monotonic()
-        config = self._config(body)
-        task = self._task(body.task)
-        inputs = [body.input] if isinstance(body.input, str) else body.input
-        if not 1 <= len(inputs) <= self.settings.max_inputs_per_request:
-            raise ApiError(400, "invalid_request", f"input has {len(inputs)} items; give 1 to "
-                           f"{self.settings.max_inputs_per_request}")
-        queue: asyncio.Queue = asyncio.Queue()
-        rows = [self._row(i, text, task, config, body, queue) for i, text in enumerate(inputs)]
-        try:
-            self.batcher.submit(rows)
-        except QueueFull as err:
-            raise ApiError(429, "queue_full", f"server busy ({err}); retry later",
-                           {"Retry-After": str(self.settings.retry_after_s)}) from None
-        except RuntimeError as err:  # stopping
-            raise ApiError(503, "unavailable", str(err)) from None
-        events = self._events(rows, queue, start, None if body.stream else request)
-        if body.stream:
-            return StreamingResponse(self._sse(body.task, rows, events, start), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        done: dict[int, dict] = {}
-        async with contextlib.aclosing(events):
-            async for index, kind, data in events:
-                if kind == "error":
-                    raise ApiError(500, "generation_failed", data["message"])
-                done[index] = data
-        if len(done) < len(rows):
-            raise ApiError(499, "client_closed", "the client disconnected; the request's work was cancelled")
-        return self._response(body.task, [done[i] for i in range(len(rows))], start)
-
-    def _config(self, body: GenerateRequest) -> GenerateConfig:
-        limit = self.settings.max_new_tokens
-        new = self.settings.default_new_tokens if body.max_new_tokens is None else body.max_new_tokens
-        if new > limit:
-            raise ApiError(400, "invalid_request", f"max_new_tokens {new} exceeds this server's limit of {limit}")
-        config = GenerateConfig(num_beams=body.num_beams, max_new_tokens=new, min_new_tokens=body.min_new_tokens,
-                                do_sample=body.do_sample, temperature=body.temperature, top_p=body.top_p,
-                                block_newlines=body.block_newlines, length_penalty=body.length_penalty, seed=body.seed)
-        try:
-            config.validate()
-        except ValueError as err:
-            raise ApiError(400, "invalid_request", str(err)) from None
-        if config.do_sample and config.num_beams > 1:
-            raise ApiError(400, "invalid_request", f"do_sample with num_beams={config.num_beams} is not served: "
-                           "its output would depend on the other rows of the batch; use num_beams=1")
-        if body.stream and not self.batcher.stepwise(config):
-            raise ApiError(400, "invalid_request", f"stream=true needs num_beams=1 (got {config.num_beams}) "
-                           "and a decoder-only model")
-        return config
-
-    def _task(self, name: str) -> Task:
-        if not TASK_NAME.fullmatch(name):
-            raise ApiError(400, "invalid_task_name", f"invalid task name {name!r}")
-        task = self.multi.tasks().get(name)
-        if task is None:
-            raise ApiError(404, "unknown_task", f"unknown task {name!r}; loaded tasks: {sorted(self.multi.tasks())}")
-        return task
-
-    def _row(self, index: int, text: str, task: Task, config: GenerateConfig, body: GenerateRequest,
-             queue: asyncio.Queue) -> Row:
-        if not text.strip():
-            raise ApiError(400, "invalid_request", f"input {index} is empty: every input needs some text")
-        with self.batcher.tokenizer_lock:
-            ids, _ = encode_sources(self.multi.tokenizer, self.multi.base, [text], [task.text_format])
-        if ids.shape[1] > self.settings.max_input_tokens:
-            raise ApiError(400, "input_too_long", f"input {index} has {ids.shape[1]} tokens; this server accepts at "
-                           f"most {self.settings.max_input_tokens}")
-        if config.seed is not None:
-            config = dataclasses.replace(config, seed=config.seed + index)
-        loop = asyncio.get_running_loop()
-        emit = lambda kind, data: loop.call_soon_threadsafe(queue.put_nowait, (index, kind, data))  # noqa: E731
-        return Row(task.name, task.prefix, ids[0].tolist(), config, emit, stream=body.stream)
-
-    async def _events(self, rows: list[Row], queue: asyncio.Queue, start: float,
-                      request: Request | None) -> AsyncIterator[tuple[int, str, dict]]:
-        """The rows' events until each has ended; cancels what is left on timeout, disconnect or close."""
-        deadline, pending = start + self.settings.request_timeout_s, len(rows)
-        try:
-            while pending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ApiError(504, "timeout", f"request did not finish within {self.settings.request_timeout_s} s")
-                try:
-                    index, kind, data = await asyncio.wait_for(queue.get(), min(left, 0.5))
-                except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
-                        return
-                    continue
-                if kind != "token":
-                    pending -= 1
-                yield index, kind, data
-        finally:
-            self.batcher.cancel(rows)
-
-    async def _sse(self, task: str, rows: list[Row], events: AsyncIterator, start: float) -> AsyncIterator[str]:
-        done: dict[int, dict] = {}
-        try:
-            async for index, kind, data in events:
-                if kind == "error":
-                    yield _event("error", {"index": index, "type": "generation_failed", **data})
-                    return
-                if kind == "done":
-                    done[index] = data
-                else:
-                    yield _event("token", {"index": index, **data})
-        except ApiError as err:
-            yield _event("error", {"type": err.kind, "message": err.message})
-            return
-        yield _event("done", self._response(task, [done[i] for i in range(len(rows))], start).model_dump())
-
-    def _response(self, task: str, done: list[dict], start: float) -> GenerateResponse:
-        elapsed = time.monotonic() - start
-        self.metrics.observe(self.metrics.latency, elapsed)
-        outputs = [Output(**{k: d[k] for k in Output.model_fields}) for d in done]
-        timing = Timing(queue_ms=max(d["queue_ms"] for d in done), total_ms=1000 * elapsed)
-        return GenerateResponse(task=task, outputs=outputs, timing=timing)
-
-
-def _event(kind: str, data: dict) -> str:
-    return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
 
 # --- CLI (wired as `prefixtune serve` in cli.py) ------------------------------------------------------
