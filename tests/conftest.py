@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 VOCAB = 300
 PAD, EOS, BOS = 256, 257, 258
 
-DECODER_ONLY = ["gpt2", "llama", "opt", "qwen2", "gpt_neox"]
+DECODER_ONLY = ["gpt2", "llama", "opt", "qwen2", "gpt_neox", "gemma", "phi3"]
 ENCODER_DECODER = ["bart", "t5"]
 ALL_FAMILIES = DECODER_ONLY + ENCODER_DECODER
 
@@ -40,6 +40,15 @@ def tiny_config(family: str):
         return transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=4, rotary_pct=0.5, max_position_embeddings=256,
                                           **_SPECIAL)
+    if family == "gemma":  # multi-query attention, head_dim independent of hidden_size
+        return transformers.GemmaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                        max_position_embeddings=256, **_SPECIAL)
+    if family == "phi3":  # fused qkv projection, partial rotary
+        return transformers.Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5,
+                                       max_position_embeddings=256, original_max_position_embeddings=256,
+                                       **_SPECIAL)
     if family == "bart":
         return transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
                                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,

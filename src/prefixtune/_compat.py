@@ -22,6 +22,8 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "opt": "OPT",
     "qwen2": "Qwen2",
     "gpt_neox": "GPT-NeoX (Pythia)",
+    "gemma": "Gemma",
+    "phi3": "Phi-3",
     "bart": "BART (encoder-decoder)",
     "t5": "T5 (encoder-decoder)",
 }
