@@ -163,6 +163,42 @@ def test_batcher_one_task_per_batch_still_equal():
     assert metrics.batch_rows.counts[metrics.batch_rows.buckets.index(2)] == metrics.batch_rows.count  # 2 rows a task
 
 
+def test_beam_group_does_not_pause_step_rows(monkeypatch):
+    """While a beam-search group is being generated, step rows (streams) are decoded to their end."""
+    multi = _multi("llama")
+    metrics, sink = Metrics(), Collector()
+    batcher = Batcher(multi, metrics, max_batch_size=8, max_wait_s=0.01, max_queue=16)
+    beam_started, release = threading.Event(), threading.Event()
+    run_static = batcher._run_static
+
+    def held_static(rows):  # a beam group that runs until the test releases it
+        beam_started.set()
+        assert release.wait(60)
+        run_static(rows)
+
+    monkeypatch.setattr(batcher, "_run_static", held_static)
+    beam = [("t1", "beam me", GenerateConfig(num_beams=3, max_new_tokens=5, min_new_tokens=0))]
+    steps = _cases(4)
+    batcher.start()
+    try:
+        batcher.submit(_rows(multi, beam, sink, start=0, stream=False))
+        assert beam_started.wait(30)
+        batcher.submit(_rows(multi, steps, sink, start=1))
+        deadline = time.monotonic() + 60
+        while not all(sink.events.get(i, [("", {})])[-1][0] == "done" for i in range(1, 5)):
+            assert time.monotonic() < deadline, "step rows did not finish while the beam group ran"
+            time.sleep(0.01)
+        assert 0 not in sink.events  # the beam group is still held
+        release.set()
+        while not sink.finished(5):
+            assert time.monotonic() < deadline, "the beam group did not finish after release"
+            time.sleep(0.01)
+    finally:
+        release.set()
+        batcher.stop()
+    _assert_alone(multi, beam + steps, sink)
+
+
 def test_encoder_decoder_rows_run_static():
     multi = _multi("t5")
     metrics, sink = Metrics(), Collector()

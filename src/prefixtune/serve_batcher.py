@@ -1,7 +1,6 @@
-"""The serving engine: one worker thread owns the model and decodes the rows of many requests together.
+"""The serving engine: worker threads share the frozen model and decode the rows of many requests together.
 
-One thread, because there is one set of weights: batches run one after another, memory stays flat, and
-each forward pass carries as many waiting rows, of any tasks, as fit. A row (one input of a request) is:
+Each forward pass carries as many waiting rows, of any tasks, as fit. A row (one input of a request) is:
 
 - a step row (greedy or sampling, decoder-only model): `StepDecoder` runs one forward pass per token over
   all active rows with the KV cache and each row's own prefix; a row leaves when it ends and waiting rows
@@ -11,6 +10,8 @@ each forward pass carries as many waiting rows, of any tasks, as fit. A row (one
   transformers' own logits processors pick tokens (greedy equals `base.generate`); sampling draws from a
   generator per row, so a seeded row does not depend on its neighbours.
 - a static row (beam search, or an encoder-decoder model): grouped by options, one `generate_ids` call.
+
+Step rows and static groups run in two worker threads, so that a beam-search group does not pause streams.
 """
 
 from __future__ import annotations
@@ -280,7 +281,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._waiting: list[Row] = []
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # --- request side ------------------------------------------------------------------------------
     def stepwise(self, config: GenerateConfig) -> bool:
@@ -296,7 +297,7 @@ class Batcher:
                 raise QueueFull(f"{len(self._waiting)} rows are waiting and the queue holds {self.max_queue}")
             self._waiting.extend(rows)
             self.metrics.add(input_tokens=sum(len(r.prompt) for r in rows))
-            self._cond.notify()
+            self._cond.notify_all()
 
     def cancel(self, rows: list[Row]) -> None:
         """Stop work on rows nobody waits for: waiting ones leave the queue now, running ones at the next step."""
@@ -318,35 +319,40 @@ class Batcher:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     # --- worker side -------------------------------------------------------------------------------
     def start(self) -> None:
         if not self.alive:
             self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="prefixtune-batcher", daemon=True)
-            self._thread.start()
+            # Two workers, so that a long beam-search group never pauses the rows being decoded step by
+            # step (streams keep flowing). Both only read the weights; each forward pass carries its own
+            # prefixes in its thread's context (inject.active is a contextvar), so they cannot mix.
+            targets = {"prefixtune-static": self._run_static_worker}
+            if self.decoder is not None:
+                targets["prefixtune-step"] = self._run_step_worker
+            self._threads = [threading.Thread(target=fn, name=name, daemon=True) for name, fn in targets.items()]
+            for thread in self._threads:
+                thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         with self._cond:
             self._stopping = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
         for row in self._waiting + (self.decoder.rows if self.decoder else []):
             self.outbox.error(row, "the server is shutting down")
         self._waiting = []
 
-    def _run(self) -> None:
-        while (work := self._take()) is not None:
-            static, stepwise = work
-            now = time.monotonic()
-            for row in static + stepwise:
-                row.admitted = now
-            self._safely(self._run_static, static, static)
-            if self.decoder is not None:
-                self._safely(self.decoder.admit, stepwise, stepwise + self.decoder.rows)
-                self._safely(lambda _: self.decoder.step(), self.decoder.rows, self.decoder.rows)
+    def _run_step_worker(self) -> None:
+        while (rows := self._take(stepwise=True)) is not None:
+            self._safely(self.decoder.admit, rows, rows + self.decoder.rows)
+            self._safely(lambda _: self.decoder.step(), self.decoder.rows, self.decoder.rows)
+
+    def _run_static_worker(self) -> None:
+        while (rows := self._take(stepwise=False)) is not None:
+            self._safely(self._run_static, rows, rows)
 
     def _safely(self, fn: Callable[[list[Row]], None], rows: list[Row], involved: list[Row]) -> None:
         """Run one batch operation; a failure fails its rows (with the reason) instead of the server."""
@@ -361,24 +367,30 @@ class Batcher:
             if self.decoder is not None and any(r in involved for r in self.decoder.rows):
                 self.decoder.reset()
 
-    def _take(self) -> tuple[list[Row], list[Row]] | None:
-        """Block until there is work: (a static group, rows joining the step batch); None when stopping."""
+    def _take(self, stepwise: bool) -> list[Row] | None:
+        """Block until one worker has work: rows joining the step batch (stepwise) or a static group.
+
+        The step worker also returns (maybe with no new rows) whenever rows are being decoded, to take
+        the next step. None when stopping.
+        """
         with self._cond:
             while not self._stopping:
-                busy = self.decoder is not None and bool(self.decoder.rows)
-                if busy or self._ready():
+                mine = [r for r in self._waiting if self.stepwise(r.config) == stepwise]
+                busy = stepwise and bool(self.decoder.rows)
+                if busy or self._ready(mine):
                     break
-                self._cond.wait(self._waiting[0].arrived + self.max_wait_s - time.monotonic() if self._waiting else None)
+                self._cond.wait(mine[0].arrived + self.max_wait_s - time.monotonic() if mine else None)
             if self._stopping:
                 return None
-            static, stepwise = self._static_group(), self._joining()
-            taken = {id(r) for r in static + stepwise}
+            rows = self._joining() if stepwise else self._static_group()
+            taken, now = {id(r) for r in rows}, time.monotonic()
             self._waiting = [r for r in self._waiting if id(r) not in taken]
-            return static, stepwise
+            for row in rows:
+                row.admitted = now
+            return rows
 
-    def _ready(self) -> bool:
-        return bool(self._waiting) and (len(self._waiting) >= self.max_batch_size
-                                        or time.monotonic() >= self._waiting[0].arrived + self.max_wait_s)
+    def _ready(self, rows: list[Row]) -> bool:
+        return bool(rows) and (len(rows) >= self.max_batch_size or time.monotonic() >= rows[0].arrived + self.max_wait_s)
 
     def _static_group(self) -> list[Row]:
         rows = [r for r in self._waiting if not self.stepwise(r.config)]
