@@ -12,8 +12,9 @@ from conftest import DECODER_ONLY, byte_tokenizer, tiny_model
 from prefixtune import GenerateConfig, MultiPrefixModel, PrefixConfig, PrefixTuningModel
 from prefixtune.config import TextFormat
 from prefixtune.generate import encode_sources
-from prefixtune.serve_batcher import Batcher, Outbox, QueueFull, Row, StepDecoder
+from prefixtune.serve_batcher import Batcher, StepDecoder
 from prefixtune.serve_metrics import Metrics
+from prefixtune.serve_rows import Outbox, QueueFull, Row
 
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():

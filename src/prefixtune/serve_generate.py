@@ -18,7 +18,8 @@ from fastapi.responses import StreamingResponse
 from .config import GenerateConfig
 from .generate import encode_sources
 from .multi import MultiPrefixModel, Task
-from .serve_batcher import Batcher, QueueFull, Row
+from .serve_batcher import Batcher
+from .serve_rows import QueueFull, Row
 from .serve_metrics import Metrics
 from .serve_schema import TASK_NAME, ApiError, GenerateRequest, GenerateResponse, Output, Timing
 
