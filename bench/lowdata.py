@@ -96,6 +96,19 @@ def run_finetune(size: int, seed: int, steps: int, limit: int) -> dict:
 METHODS = {"prefix": run_prefix, "prefix-random": _run_prefix_random, "finetune": run_finetune}
 
 
+def _mean_table(results: dict) -> list[str]:
+    """Mean BLEU over seeds per (pairs, method): single seeds at 50 pairs differ by ~10 BLEU."""
+    groups: dict[tuple[int, str], list[float]] = {}
+    for key, r in results.items():
+        size, _, method = key.split("/")
+        groups.setdefault((int(size), method), []).append(r["scores"]["bleu"])
+    lines = ["| train pairs | method | seeds | mean BLEU | min | max |", "|---:|---|---:|---:|---:|---:|"]
+    for (size, method), bleus in sorted(groups.items()):
+        lines.append(f"| {size} | {method} | {len(bleus)} | {sum(bleus) / len(bleus):.2f} | {min(bleus):.2f} "
+                     f"| {max(bleus):.2f} |")
+    return lines
+
+
 def write_table(results: dict, meta: dict, path: Path) -> None:
     lines = ["| train pairs | seed | method | trained params | BLEU | NIST | METEOR | ROUGE-L | CIDEr | train s |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -105,7 +118,7 @@ def write_table(results: dict, meta: dict, path: Path) -> None:
         lines.append(f"| {size} | {seed} | {method} | {r['trained_parameters']:,} | {s['bleu']:.2f} | {s['nist']:.2f} "
                      f"| {s['meteor']:.2f} | {s['rouge_l']:.2f} | {s['cider']:.3f} | {r['train_seconds']} |")
     path.with_suffix(".md").write_text(
-        "\n".join(lines) + f"\n\nMachine: {machine()}. Test: first {meta.get('limit')} E2E test MRs, greedy, "
+        "\n".join(lines) + "\n\n" + "\n".join(_mean_table(results)) + f"\n\nMachine: {machine()}. Test: first {meta.get('limit')} E2E test MRs, greedy, "
         f"bf16 autocast. {meta.get('steps')} optimizer steps of 10 pairs for both methods. Command: "
         f"`{meta.get('command')}`.\n")
 
@@ -119,8 +132,8 @@ def main() -> int:
         raise SystemExit(f"unknown METHODS {sorted(unknown)}; choose from {list(METHODS)}")
     path = RESULTS_DIR / ("lowdata.json" if (steps, limit) == (100, 100) else f"lowdata-steps{steps}-limit{limit}.json")
     results = json.loads(path.read_text()) if path.is_file() else {}
-    meta = {"steps": steps, "limit": limit, "command": "python bench/lowdata.py " + " ".join(
-        f"{k}={os.environ[k]!r}" for k in ("SIZES", "SEEDS", "STEPS", "LIMIT", "METHODS") if k in os.environ)}
+    env = " ".join(f"{k}={os.environ[k]!r}" for k in ("SIZES", "SEEDS", "STEPS", "LIMIT", "METHODS") if k in os.environ)
+    meta = {"steps": steps, "limit": limit, "command": f"{env} python bench/lowdata.py".strip()}
     results["_meta"] = meta
     for size in sizes:
         for seed in seeds:
