@@ -37,41 +37,42 @@ RESULTS_DIR = ROOT / "bench" / "results"
 INIT_TEXT = "table-to-text:"
 
 
-def _evaluate(base, tok, prefix_dir, limit: int) -> dict:
-    groups = load_groups("e2e", "test")[:limit]
+def _evaluate(base, tok, prefix_dir, groups, task: str = "e2e") -> dict:
+    """Greedy outputs for `groups` (with the prefix in `prefix_dir`, or none) and their official scores."""
     multi = MultiPrefixModel(base, tok)
-    task = None
+    name = None
     if prefix_dir is not None:
-        multi.add("e2e", prefix_dir)
-        task = "e2e"
+        multi.add(task, prefix_dir)
+        name = task
     start = time.time()
-    preds = multi.generate([g.source for g in groups], [task] * len(groups),
+    preds = multi.generate([g.source for g in groups], [name] * len(groups),
                            GenerateConfig(num_beams=1, batch_size=32, bf16=True))
-    return {"scores": score("e2e", preds, groups), "generation_seconds": round(time.time() - start, 1),
+    return {"scores": score(task, preds, groups), "generation_seconds": round(time.time() - start, 1),
             "sample": preds[:2]}
 
 
-def run_prefix(size: int, seed: int, steps: int, limit: int, init_text: str | None = INIT_TEXT) -> dict:
+def run_prefix(size: int, seed: int, steps: int, groups: list, init_text: str | None = INIT_TEXT,
+               task: str = "e2e") -> dict:
     """The paper's low-data prefix: initialised from the activations of "table-to-text:" (L = its tokens)."""
-    out = ROOT / "runs" / f"lowdata-prefix{'' if init_text else '-random'}-{size}-{seed}"
-    summary = train(TrainConfig(task="e2e", train_size=size, seed=seed, output=str(out), prefix_length=10,
+    out = ROOT / "runs" / f"{'lowdata' if task == 'e2e' else task}-prefix{'' if init_text else '-random'}-{size}-{seed}"
+    summary = train(TrainConfig(task=task, train_size=size, seed=seed, output=str(out), prefix_length=10,
                                 init_text=init_text, lr=5e-4, batch_size=10, epochs=10_000, max_steps=steps,
                                 eval_every=max(1, steps // 5), progress=False))
     base, tok = load_base_model()
     return {"train_seconds": summary["train_seconds"], "trained_parameters": summary["prefix_parameters"],
-            **_evaluate(base, tok, out, limit)}
+            **_evaluate(base, tok, out, groups, task)}
 
 
-def _run_prefix_random(size: int, seed: int, steps: int, limit: int) -> dict:
+def _run_prefix_random(size: int, seed: int, steps: int, groups: list, task: str = "e2e") -> dict:
     """Ablation: the same prefix with random init, L=10."""
-    return run_prefix(size, seed, steps, limit, init_text=None)
+    return run_prefix(size, seed, steps, groups, init_text=None, task=task)
 
 
-def run_finetune(size: int, seed: int, steps: int, limit: int) -> dict:
+def run_finetune(size: int, seed: int, steps: int, groups: list, task: str = "e2e") -> dict:
     """Full fine-tuning with the same data, steps and loss (target tokens only); no keep-best."""
     torch.manual_seed(seed)
     base, tok = load_base_model()
-    train_ex, _ = low_data_split(load_groups("e2e", "train"), size, seed)
+    train_ex, _ = low_data_split(load_groups(task, "train"), size, seed)
     rows = encode(train_ex, tok, TextFormat(), encoder_decoder=False)
     optimizer = torch.optim.AdamW(base.parameters(), lr=5e-5, weight_decay=0.0)
     start, per_epoch = time.time(), len(rows) // 10
@@ -90,7 +91,7 @@ def run_finetune(size: int, seed: int, steps: int, limit: int) -> dict:
     train_seconds = round(time.time() - start, 1)
     base.eval()
     return {"train_seconds": train_seconds, "trained_parameters": sum(p.numel() for p in base.parameters()),
-            **_evaluate(base, tok, None, limit)}
+            **_evaluate(base, tok, None, groups, task)}
 
 
 METHODS = {"prefix": run_prefix, "prefix-random": _run_prefix_random, "finetune": run_finetune}
@@ -123,6 +124,17 @@ def write_table(results: dict, meta: dict, path: Path) -> None:
         f"`{meta.get('command')}`.\n")
 
 
+def run_missing(results: dict, path: Path, jobs: list) -> None:
+    """Run each (key, job) whose key is not in `results` yet; save the JSON after each, so a bench resumes."""
+    for key, job in jobs:
+        if key in results:
+            continue
+        results[key] = job()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(key, results[key]["scores"], flush=True)
+
+
 def main() -> int:
     sizes = [int(x) for x in os.environ.get("SIZES", "50 200").split()]
     seeds = [int(x) for x in os.environ.get("SEEDS", "0").split()]
@@ -135,16 +147,10 @@ def main() -> int:
     env = " ".join(f"{k}={os.environ[k]!r}" for k in ("SIZES", "SEEDS", "STEPS", "LIMIT", "METHODS") if k in os.environ)
     meta = {"steps": steps, "limit": limit, "command": f"{env} python bench/lowdata.py".strip()}
     results["_meta"] = meta
-    for size in sizes:
-        for seed in seeds:
-            for method in methods:
-                key = f"{size}/{seed}/{method}"
-                if key in results:
-                    continue
-                results[key] = METHODS[method](size, seed, steps, limit)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(results, indent=2) + "\n")
-                print(key, results[key]["scores"], flush=True)
+    groups = load_groups("e2e", "test")[:limit]
+    run_missing(results, path, [(f"{size}/{seed}/{method}", lambda size=size, seed=seed, method=method:
+                                 METHODS[method](size, seed, steps, groups))
+                                for size in sizes for seed in seeds for method in methods])
     write_table({k: v for k, v in results.items() if k != "_meta"}, meta, path)
     print(path.with_suffix(".md").read_text())
     return 0
