@@ -3,7 +3,8 @@
     python bench/e2e_main.py            # full E2E test set, beam 5 (the README's command)
     LIMIT=64 python bench/e2e_main.py   # any scripts/main.sh variable passes through
 
-Writes bench/results/e2e_main.json and bench/results/e2e_main.md: scores (official E2E metrics), training
+Writes bench/results/e2e_main-{bf16,fp32}.json and .md (by whether this CPU has bf16 units, so results
+from both kinds of machine are kept side by side): scores (official E2E metrics), training
 and generation time, total wall time, prefix size, and the machine.
 """
 
@@ -16,6 +17,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
+
+from prefixtune import _compat
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -30,7 +35,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, no GPU"
+    units = "bf16 units" if _compat.bf16_wanted("auto", torch.device("cpu")) else "no bf16 units"
+    return f"{cpu} ({units}), {os.cpu_count()} cores, {platform.system()} {platform.machine()}, no GPU"
 
 
 def main() -> int:
@@ -54,9 +60,10 @@ def main() -> int:
         "decoding": report["decoding"], "scores": report["scores"],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "e2e_main.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "e2e_main-bf16" if report["decoding"].get("bf16_used") else "e2e_main-fp32"
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     s = report["scores"]
-    (RESULTS / "e2e_main.md").write_text(
+    (RESULTS / f"{name}.md").write_text(
         "| data | model | prefix | train | generate | total | BLEU | NIST | METEOR | ROUGE-L | CIDEr |\n"
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| E2E: {summary['data'].split('.')[0]}; test {report['sources']} MRs | SmolLM2-135M-Instruct (frozen) "
@@ -64,8 +71,8 @@ def main() -> int:
         f"| {summary['train_seconds']} s | {report['generation_seconds']} s | {wall:.0f} s "
         f"| {s['bleu']:.2f} | {s['nist']:.2f} | {s['meteor']:.2f} | {s['rouge_l']:.2f} | {s['cider']:.3f} |\n\n"
         f"Machine: {result['machine']}. Command: `{result['command']}`. Decoding: beam "
-        f"{report['decoding']['num_beams']}, bf16 autocast {report['decoding']['bf16']}.\n")
-    print((RESULTS / "e2e_main.md").read_text())
+        f"{report['decoding']['num_beams']}, bf16 autocast {report['decoding'].get('bf16_used', report['decoding']['bf16'])}.\n")
+    print((RESULTS / f"{name}.md").read_text())
     return 0
 
 

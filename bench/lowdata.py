@@ -6,7 +6,8 @@
 Both methods see the same subsample, batch size, number of steps, text format and decoding (greedy; the
 paper uses beam 5) on SmolLM2-135M-Instruct; only what is trained differs: the prefix (MLP
 reparametrisation, lr 5e-4, initialised from the activations of "table-to-text:" as in the paper, so L is
-that text's token count; "prefix-random" is the same with random init and L=10) or every weight of the model (lr 5e-5, the paper's fine-tuning rate).
+that text's token count; "prefix-random" is the same with random init and L=10, "prefix-random-same-L"
+random init with the word prefix's L) or every weight of the model (lr 5e-5, the paper's fine-tuning rate).
 Scores are the official E2E metrics. Writes bench/results/lowdata.json and lowdata.md. Each finished run
 is kept in the JSON, so an interrupted bench resumes where it stopped. Other STEPS or LIMIT write to
 lowdata-steps{STEPS}-limit{LIMIT}.json/.md, so runs with different settings never mix.
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from e2e_main import machine  # noqa: E402
 
-from prefixtune import GenerateConfig, MultiPrefixModel, load_base_model  # noqa: E402
+from prefixtune import GenerateConfig, MultiPrefixModel, _compat, load_base_model  # noqa: E402
 from prefixtune.config import TextFormat, TrainConfig  # noqa: E402
 from prefixtune.data import collate, encode, epoch_order  # noqa: E402
 from prefixtune.evaluate import score  # noqa: E402
@@ -35,6 +36,8 @@ from prefixtune.train import train  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 INIT_TEXT = "table-to-text:"
+# bf16 autocast only on CPUs with bf16 units (emulated bf16 is ~4x slower than fp32); recorded per run.
+BF16 = _compat.bf16_wanted("auto", torch.device("cpu"))
 
 
 def _evaluate(base, tok, prefix_dir, groups, task: str = "e2e") -> dict:
@@ -46,16 +49,17 @@ def _evaluate(base, tok, prefix_dir, groups, task: str = "e2e") -> dict:
         name = task
     start = time.time()
     preds = multi.generate([g.source for g in groups], [name] * len(groups),
-                           GenerateConfig(num_beams=1, batch_size=32, bf16=True))
+                           GenerateConfig(num_beams=1, batch_size=32, bf16="auto"))
     return {"scores": score(task, preds, groups), "generation_seconds": round(time.time() - start, 1),
-            "sample": preds[:2]}
+            "sample": preds[:2], "bf16": BF16}
 
 
 def run_prefix(size: int, seed: int, steps: int, groups: list, init_text: str | None = INIT_TEXT,
-               task: str = "e2e") -> dict:
+               task: str = "e2e", prefix_length: int = 10) -> dict:
     """The paper's low-data prefix: initialised from the activations of "table-to-text:" (L = its tokens)."""
-    out = ROOT / "runs" / f"{'lowdata' if task == 'e2e' else task}-prefix{'' if init_text else '-random'}-{size}-{seed}"
-    summary = train(TrainConfig(task=task, train_size=size, seed=seed, output=str(out), prefix_length=10,
+    variant = "" if init_text else "-random" if prefix_length == 10 else f"-random-L{prefix_length}"
+    out = ROOT / "runs" / f"{'lowdata' if task == 'e2e' else task}-prefix{variant}-{size}-{seed}"
+    summary = train(TrainConfig(task=task, train_size=size, seed=seed, output=str(out), prefix_length=prefix_length,
                                 init_text=init_text, lr=5e-4, batch_size=10, epochs=10_000, max_steps=steps,
                                 eval_every=max(1, steps // 5), progress=False))
     base, tok = load_base_model()
@@ -80,7 +84,7 @@ def run_finetune(size: int, seed: int, steps: int, groups: list, task: str = "e2
         epoch, index = divmod(step, per_epoch)
         order = epoch_order(len(rows), seed, epoch)[index * 10 : (index + 1) * 10]
         batch = collate([rows[i] for i in order], tok.pad_token_id, False)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
             loss = base(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(base.parameters(), 1.0)
@@ -94,7 +98,15 @@ def run_finetune(size: int, seed: int, steps: int, groups: list, task: str = "e2
             **_evaluate(base, tok, None, groups, task)}
 
 
-METHODS = {"prefix": run_prefix, "prefix-random": _run_prefix_random, "finetune": run_finetune}
+def _run_prefix_random_same_length(size: int, seed: int, steps: int, groups: list, task: str = "e2e") -> dict:
+    """Ablation that separates init from length: random init with L = the init text's token count."""
+    _, tok = load_base_model()
+    length = len(tok(INIT_TEXT, add_special_tokens=False).input_ids)
+    return run_prefix(size, seed, steps, groups, init_text=None, task=task, prefix_length=length)
+
+
+METHODS = {"prefix": run_prefix, "prefix-random": _run_prefix_random,
+           "prefix-random-same-L": _run_prefix_random_same_length, "finetune": run_finetune}
 
 
 def _mean_table(results: dict) -> list[str]:
@@ -110,6 +122,14 @@ def _mean_table(results: dict) -> list[str]:
     return lines
 
 
+def precision_note(results: dict) -> str:
+    """Which runs trained and decoded under bf16 autocast (runs from before the field was kept did)."""
+    fp32 = sorted(k for k, r in results.items() if r.get("bf16", True) is False)
+    if not fp32:
+        return "bf16 autocast"
+    return f"bf16 autocast except {', '.join(fp32)} (fp32: that machine's CPU has no bf16 units)"
+
+
 def write_table(results: dict, meta: dict, path: Path) -> None:
     lines = ["| train pairs | seed | method | trained params | BLEU | NIST | METEOR | ROUGE-L | CIDEr | train s |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -120,7 +140,7 @@ def write_table(results: dict, meta: dict, path: Path) -> None:
                      f"| {s['meteor']:.2f} | {s['rouge_l']:.2f} | {s['cider']:.3f} | {r['train_seconds']} |")
     path.with_suffix(".md").write_text(
         "\n".join(lines) + "\n\n" + "\n".join(_mean_table(results)) + f"\n\nMachine: {machine()}. Test: first {meta.get('limit')} E2E test MRs, greedy, "
-        f"bf16 autocast. {meta.get('steps')} optimizer steps of 10 pairs for both methods. Command: "
+        f"{precision_note(results)}. {meta.get('steps')} optimizer steps of 10 pairs for both methods. Command: "
         f"`{meta.get('command')}`.\n")
 
 

@@ -13,5 +13,5 @@ python -m prefixtune train --task e2e --model smollm2-135m --train-size "${TRAIN
 limit=()
 [ -n "${LIMIT:-}" ] && limit=(--limit "$LIMIT")
 python -m prefixtune evaluate --model smollm2-135m --prefix "$RUN" --task e2e --split test "${limit[@]}" \
-  --output "$RUN/eval" --num-beams "${BEAMS:-5}" --batch-size 32 --bf16
+  --output "$RUN/eval" --num-beams "${BEAMS:-5}" --batch-size 32 --bf16 auto
 echo "total wall time: $(( $(date +%s) - start )) s (set-up, training and evaluation)"

@@ -102,14 +102,8 @@ class TargetLoss(nn.Module):
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
-    wanted = cfg.bf16 == "on" or (cfg.bf16 == "auto" and _bf16_supported(device))
+    wanted = _compat.bf16_wanted(cfg.bf16, device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=wanted), wanted
-
-
-def _bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
