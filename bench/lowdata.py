@@ -38,6 +38,8 @@ RESULTS_DIR = ROOT / "bench" / "results"
 INIT_TEXT = "table-to-text:"
 # bf16 autocast only on CPUs with bf16 units (emulated bf16 is ~4x slower than fp32); recorded per run.
 BF16 = _compat.bf16_wanted("auto", torch.device("cpu"))
+# Runs recorded before the machine was kept per run all ran on this one (bf16 autocast).
+EARLIER_MACHINE = "AMD EPYC (bf16 units), 2 cores, Linux x86_64, no GPU"
 
 
 def _evaluate(base, tok, prefix_dir, groups, task: str = "e2e") -> dict:
@@ -51,7 +53,7 @@ def _evaluate(base, tok, prefix_dir, groups, task: str = "e2e") -> dict:
     preds = multi.generate([g.source for g in groups], [name] * len(groups),
                            GenerateConfig(num_beams=1, batch_size=32, bf16="auto"))
     return {"scores": score(task, preds, groups), "generation_seconds": round(time.time() - start, 1),
-            "sample": preds[:2], "bf16": BF16}
+            "sample": preds[:2], "bf16": BF16, "machine": machine()}
 
 
 def run_prefix(size: int, seed: int, steps: int, groups: list, init_text: str | None = INIT_TEXT,
@@ -123,11 +125,14 @@ def _mean_table(results: dict) -> list[str]:
 
 
 def precision_note(results: dict) -> str:
-    """Which runs trained and decoded under bf16 autocast (runs from before the field was kept did)."""
-    fp32 = sorted(k for k, r in results.items() if r.get("bf16", True) is False)
-    if not fp32:
-        return "bf16 autocast"
-    return f"bf16 autocast except {', '.join(fp32)} (fp32: that machine's CPU has no bf16 units)"
+    """Which machine and precision each run had: runs are resumed across sessions on different machines."""
+    by_setting: dict[str, list[str]] = {}
+    for key, r in sorted(results.items()):
+        where = r.get("machine", EARLIER_MACHINE)
+        by_setting.setdefault(f"{where}, {'bf16 autocast' if r.get('bf16', True) else 'fp32'}", []).append(key)
+    if len(by_setting) == 1:
+        return f"Machine: {next(iter(by_setting))}"
+    return "Machines: " + "; ".join(f"{setting}: {', '.join(keys)}" for setting, keys in by_setting.items())
 
 
 def write_table(results: dict, meta: dict, path: Path) -> None:
@@ -139,8 +144,8 @@ def write_table(results: dict, meta: dict, path: Path) -> None:
         lines.append(f"| {size} | {seed} | {method} | {r['trained_parameters']:,} | {s['bleu']:.2f} | {s['nist']:.2f} "
                      f"| {s['meteor']:.2f} | {s['rouge_l']:.2f} | {s['cider']:.3f} | {r['train_seconds']} |")
     path.with_suffix(".md").write_text(
-        "\n".join(lines) + "\n\n" + "\n".join(_mean_table(results)) + f"\n\nMachine: {machine()}. Test: first {meta.get('limit')} E2E test MRs, greedy, "
-        f"{precision_note(results)}. {meta.get('steps')} optimizer steps of 10 pairs for both methods. Command: "
+        "\n".join(lines) + "\n\n" + "\n".join(_mean_table(results)) + f"\n\n{precision_note(results)}.\n\nTest: first "
+        f"{meta.get('limit')} E2E test MRs, greedy. {meta.get('steps')} optimizer steps of 10 pairs for both methods. Command: "
         f"`{meta.get('command')}`.\n")
 
 

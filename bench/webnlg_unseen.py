@@ -23,7 +23,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from e2e_main import machine  # noqa: E402
 from lowdata import METHODS, RESULTS_DIR, precision_note, run_missing  # noqa: E402
 
 from prefixtune.tasks import load_groups  # noqa: E402
@@ -53,9 +52,9 @@ def write_table(results: dict, meta: dict, path: Path) -> None:
         lines.append(f"| {seed} | {method} | {r['trained_parameters']:,} | " + " | ".join(cells)
                      + f" | {r['train_seconds']} |")
     path.with_suffix(".md").write_text(
-        "\n".join(lines) + f"\n\nMachine: {machine()}. Training: {meta['size']} WebNLG train pairs (seen "
+        "\n".join(lines) + f"\n\n{precision_note(results)}.\n\nTraining: {meta['size']} WebNLG train pairs (seen "
         f"categories only), {meta['steps']} optimizer steps of 10 pairs. Test: {meta['limit']} seen + "
-        f"{meta['limit']} unseen entries (fixed sample, seed 0), greedy, {precision_note(results)}. TER: lower is better. "
+        f"{meta['limit']} unseen entries (fixed sample, seed 0), greedy. TER: lower is better. "
         f"Command: `{meta['command']}`.\n")
 
 
