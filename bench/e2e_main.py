@@ -60,7 +60,7 @@ def main() -> int:
         "decoding": report["decoding"], "scores": report["scores"],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "e2e_main-bf16" if report["decoding"].get("bf16_used") else "e2e_main-fp32"
+    name = "e2e_main-bf16" if report["decoding"]["bf16_used"] else "e2e_main-fp32"
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     s = report["scores"]
     (RESULTS / f"{name}.md").write_text(
@@ -71,7 +71,7 @@ def main() -> int:
         f"| {summary['train_seconds']} s | {report['generation_seconds']} s | {wall:.0f} s "
         f"| {s['bleu']:.2f} | {s['nist']:.2f} | {s['meteor']:.2f} | {s['rouge_l']:.2f} | {s['cider']:.3f} |\n\n"
         f"Machine: {result['machine']}. Command: `{result['command']}`. Decoding: beam "
-        f"{report['decoding']['num_beams']}, bf16 autocast {report['decoding'].get('bf16_used', report['decoding']['bf16'])}.\n")
+        f"{report['decoding']['num_beams']}, bf16 autocast {report['decoding']['bf16_used']}.\n")
     print((RESULTS / f"{name}.md").read_text())
     return 0
 

@@ -82,6 +82,15 @@ class TextFormat:
         return self
 
 
+def bf16_mode(value: str | bool) -> str:
+    """A bf16 setting as auto/on/off; True/False are the Python API's natural spelling of on/off."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value not in ("auto", "on", "off"):
+        raise ValueError(f"bf16 must be auto, on or off, got {value!r}")
+    return value
+
+
 @dataclass
 class GenerateConfig:
     """Decoding options (the paper: beam 5, min length 5, up to 100 new tokens, no newlines)."""
@@ -129,10 +138,7 @@ class GenerateConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
-        if isinstance(self.bf16, bool):  # the Python API's natural spelling
-            self.bf16 = "on" if self.bf16 else "off"
-        if self.bf16 not in ("auto", "on", "off"):
-            raise ValueError(f"bf16 must be auto, on or off, got {self.bf16!r}")
+        self.bf16 = bf16_mode(self.bf16)
         return self
 
 

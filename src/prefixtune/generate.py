@@ -117,11 +117,12 @@ def generate_texts(base: PreTrainedModel, tokenizer, prefixes: Sequence[PrefixKV
         torch.manual_seed(config.seed)
     lengths = [len(tokenizer(s).input_ids) for s in sources]
     order = sorted(range(len(sources)), key=lambda i: lengths[i])
+    bf16 = _compat.bf16_wanted(config.bf16, next(base.parameters()).device)
     out: list[str] = [""] * len(sources)
     for start in range(0, len(order), config.batch_size):
         rows = order[start : start + config.batch_size]
         ids, mask = encode_sources(tokenizer, base, [sources[i] for i in rows], [formats[i] for i in rows])
-        with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=_compat.bf16_wanted(config.bf16, ids.device)):
+        with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
             result = generate_ids(base, [prefixes[i] for i in rows], ids, mask, **kwargs)
         new = result if _compat.is_encoder_decoder(base) else result[:, ids.shape[1]:]
         for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):

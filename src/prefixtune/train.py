@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import _compat, resume
-from .config import PrefixConfig, TextFormat, TrainConfig
+from .config import PrefixConfig, TextFormat, TrainConfig, bf16_mode
 from .data import Encoded, collate, encode, epoch_order, summed_loss, target_tokens
 from .model import PrefixTuningModel
 from .models import load_base_model
@@ -52,8 +52,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"lr must be > 0, got {cfg.lr!r}")
     if cfg.batch_size % cfg.grad_accum:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum}")
-    if cfg.bf16 not in ("auto", "on", "off"):
-        raise ValueError(f"bf16 must be auto, on or off, got {cfg.bf16!r}")
+    cfg.bf16 = bf16_mode(cfg.bf16)
     return cfg
 
 
