@@ -164,3 +164,23 @@ def test_generate_config_bf16_values():
     assert GenerateConfig(bf16="auto").validate().bf16 == "auto"
     with pytest.raises(ValueError, match="bf16 must be auto, on or off, got 'yes'"):
         GenerateConfig(bf16="yes").validate()
+
+
+@pytest.mark.parametrize("family", DECODER_ONLY)
+@pytest.mark.parametrize("sample", [False, True])
+def test_prompt_run_once_per_row_equals_transformers_path(family, sample):
+    """Beam search (or sampling several sequences) over a shared prompt cache gives transformers' own result."""
+    model = tiny_model(family)
+    p1, p2 = _prefixes(model, [2, 5])
+    torch.manual_seed(2)
+    rows = [torch.randint(0, 250, (n,)).tolist() for n in (4, 7, 5)]
+    ids, mask = _left_pad(rows)
+    kw = dict(max_new_tokens=6, num_beams=1 if sample else 3, num_return_sequences=3 if sample else 2,
+              do_sample=sample, pad_token_id=PAD, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+    torch.manual_seed(3)
+    fast = generate_ids(model, [p1, p2, None], ids, mask, **kw)
+    torch.manual_seed(3)
+    slow = generate_ids(model, [p1, p2, None], ids, mask, prefill_once=False, **kw)
+    assert fast.sequences.tolist() == slow.sequences.tolist()
+    for a, b in zip(fast.scores, slow.scores):
+        assert torch.allclose(a, b, atol=1e-4)
