@@ -184,3 +184,25 @@ def test_prompt_run_once_per_row_equals_transformers_path(family, sample):
     assert fast.sequences.tolist() == slow.sequences.tolist()
     for a, b in zip(fast.scores, slow.scores):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_generate_starts_from_a_cache_holding_prefix_and_prompt():
+    """prompt_cache: prefix in front of each layer's keys, real length = prompt - 1, repeated per beam."""
+    from prefixtune import inject
+    from prefixtune._compat import PrefixedCacheLayer
+    from prefixtune.generate import prompt_cache
+    from prefixtune.prefix import stack
+
+    model = tiny_model("llama")
+    p1, p2 = _prefixes(model, [2, 5])
+    ids, mask = _left_pad([[5, 6, 7, 8], [9, 10, 11]])
+    batch = stack([p1, p2], list(p1.shapes()), p1.shapes())
+    positions = inject.position_ids(mask, torch.tensor([2, 5]))
+    with torch.no_grad(), inject.active(batch):
+        cache = prompt_cache(model, batch, ids, mask, {"num_beams": 3, "position_ids": positions})
+    assert batch.in_cache
+    assert all(isinstance(layer, PrefixedCacheLayer) for layer in cache.layers)
+    assert cache.get_seq_length() == 3
+    key = cache.layers[0].keys
+    assert key.shape[0] == 6 and key.shape[2] == 5 + 3
+    assert torch.equal(key[3:6, :, :5], batch.kv[("self", 0)][0][1:2].expand(3, -1, -1, -1))

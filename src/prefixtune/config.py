@@ -180,6 +180,8 @@ class TrainConfig:
     """Peak learning rate of AdamW (task default)."""
     batch_size: int | None = None
     """Pairs per optimizer step, over all processes and accumulation steps (task default)."""
+    group_by_length: bool = True
+    """Batch pairs of similar length (sorted within windows of 8 shuffled batches): less padding to compute."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (batch_size must divide evenly)."""
     warmup_steps: int = 0

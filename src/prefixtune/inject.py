@@ -4,9 +4,11 @@ Design: prefixtune registers an attention implementation ("prefixtune") with tra
 `AttentionInterface`. Every attention module of the base model is tagged with its slot
 `(role, layer)`; when a `PrefixBatch` is active (a context variable), the attention function
 concatenates that slot's prefix keys/values in front of the real ones and extends the mask with the
-prefix columns, then calls the model's usual attention (sdpa or eager). Nothing is put into the model's
-cache, so every decoding step, beam reordering and cache implementation sees the prefix; encoder
-self-attention and cross-attention are reached the same way as decoder self-attention.
+prefix columns, then calls the model's usual attention (sdpa or eager). Encoder self-attention and
+cross-attention are reached the same way as decoder self-attention. Nothing is put into the model's
+cache, so every decoding step, beam reordering and cache implementation sees the prefix -- except in
+`generate_ids`, which may hand generate a cache that holds the prefix already (`PrefixBatch.in_cache`);
+then this function adds only the prefix's mask columns.
 
 Shapes: query (B, H, q, D); key/value (B, KVH, k, D); prefix key/value (B, KVH, L, D); prefix mask (B, L).
 """
@@ -44,6 +46,9 @@ class PrefixBatch:
     kv: dict[Slot, KV]
     mask: torch.Tensor
     visible_from: torch.Tensor | None = None
+    in_cache: bool = False
+    """True while the model's cache already holds these prefixes in front of each layer's keys
+    (`_compat.PrefixedCacheLayer`): attention then only adds the prefix columns to the mask."""
     _expanded: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -116,9 +121,11 @@ def prefix_attention(module: nn.Module, query, key, value, attention_mask, **kwa
         batch = _ACTIVE.get()
         if batch is not None and slot in batch.kv:
             pk, pv, pmask, visible_from = batch.rows(slot, query.shape[0])
-            attention_mask = _extended_mask(module, query, key, attention_mask, pmask, visible_from)
-            key = torch.cat([pk.to(key.dtype), key], dim=2)
-            value = torch.cat([pv.to(value.dtype), value], dim=2)
+            real_len = key.shape[2] - (pk.shape[2] if batch.in_cache else 0)
+            attention_mask = _extended_mask(module, query, real_len, attention_mask, pmask, visible_from)
+            if not batch.in_cache:
+                key = torch.cat([pk.to(key.dtype), key], dim=2)
+                value = torch.cat([pv.to(value.dtype), value], dim=2)
             if kwargs.get("position_bias") is not None:  # T5: no relative bias towards prefix keys
                 bias = kwargs["position_bias"]
                 pad = bias.new_zeros(*bias.shape[:-1], pk.shape[2])
@@ -127,9 +134,9 @@ def prefix_attention(module: nn.Module, query, key, value, attention_mask, **kwa
     return base(module, query, key, value, attention_mask, **kwargs)
 
 
-def _extended_mask(module, query, key, mask, prefix_mask, visible_from) -> torch.Tensor:
-    """Additive (B, 1, q, L + k) mask: prefix columns first, then the model's own mask."""
-    b, q_len, k_len, dtype = query.shape[0], query.shape[2], key.shape[2], query.dtype
+def _extended_mask(module, query, k_len: int, mask, prefix_mask, visible_from) -> torch.Tensor:
+    """Additive (B, 1, q, L + k) mask: prefix columns first, then the model's own mask over k real keys."""
+    b, q_len, dtype = query.shape[0], query.shape[2], query.dtype
     if mask is None:
         mask = torch.zeros(b, 1, q_len, k_len, dtype=dtype, device=query.device)
         if getattr(module, "is_causal", False) and q_len > 1:  # bottom-right aligned causal mask
