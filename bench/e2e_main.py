@@ -54,7 +54,7 @@ def main() -> int:
     report = json.loads((run / "eval" / "scores.json").read_text())
     result = {
         "command": "bash scripts/main.sh" + "".join(f" {k}={os.environ[k]}" for k in
-                                                    ("TRAIN_SIZE", "LIMIT", "BEAMS", "SEED") if k in os.environ),
+                                                    ("TRAIN_SIZE", "EPOCHS", "LIMIT", "BEAMS", "SEED") if k in os.environ),
         "machine": machine(), "total_wall_seconds": round(wall, 1),
         "train": summary, "eval": {k: report[k] for k in ("task", "split", "sources", "limited", "generation_seconds")},
         "decoding": report["decoding"], "scores": report["scores"],

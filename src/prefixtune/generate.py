@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from . import _compat, inject
+from . import _compat, beam, inject
 from .config import GenerateConfig, TextFormat
 from .prefix import PrefixKV, stack
 
@@ -29,8 +29,9 @@ def generate_ids(base: PreTrainedModel, prefixes: Sequence[PrefixKV | None], inp
                  attention_mask: torch.Tensor | None = None, prefill_once: bool = True, **kwargs) -> torch.Tensor:
     """`base.generate` with row i prefixed by prefixes[i]; input left-padded (decoder-only).
 
-    prefill_once: start generate from a cache holding each row's prefix and prompt (see `prompt_cache`);
-    False runs transformers' own path, prefixes concatenated at every step (the reference in tests).
+    prefill_once: start from a cache holding each row's prefix and prompt (see `prompt_cache`), and run
+    beam search with `beam.beam_search`, which stops computing finished sources; False runs transformers'
+    own `generate`, prefixes concatenated at every step (the reference in tests).
     Returns what transformers returns (decoder-only: prompt + new tokens; encoder-decoder: decoder ids).
     """
     check_ids(input_ids)
@@ -53,7 +54,10 @@ def generate_ids(base: PreTrainedModel, prefixes: Sequence[PrefixKV | None], inp
         kwargs["position_ids"] = inject.position_ids(attention_mask, offsets, boundary if has_infix else None)
     with inject.active(batch):
         if prefill_once and "past_key_values" not in kwargs and not _compat.is_encoder_decoder(base):
-            kwargs["past_key_values"] = prompt_cache(base, batch, input_ids, attention_mask, kwargs)
+            cache = prompt_cache(base, batch, input_ids, attention_mask, kwargs)
+            if cache is not None and beam.supported(kwargs):
+                return beam.beam_search(base, batch, input_ids, attention_mask, cache, kwargs)
+            kwargs["past_key_values"] = cache
         return base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
