@@ -59,13 +59,13 @@ def main() -> int:
     multi = MultiPrefixModel(base, tokenizer)
     multi.add("e2e", prefix)
     fmt = multi.tasks()["e2e"].text_format
+    if tokenizer.pad_token_id is None:  # before encode_sources pads the batches
+        tokenizer.pad_token = tokenizer.eos_token
     sources = sorted((g.source for g in load_groups("e2e", "test")[:n_sources]),
                      key=lambda s: len(tokenizer(s).input_ids))
     batches = [encode_sources(tokenizer, base, sources[i : i + 32], [fmt] * len(sources[i : i + 32]))
                for i in range(0, len(sources), 32)]
     config = GenerateConfig(num_beams=5, batch_size=32, bf16="off")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     kwargs = decoding_kwargs(tokenizer, config)
     rows: list[int] = []
     base.register_forward_hook(lambda m, a, kw, o: rows.append(int(kw["input_ids"].shape[0])), with_kwargs=True)

@@ -186,6 +186,21 @@ def bf16_wanted(mode: str, device: torch.device) -> bool:
     return any(check() for check in checks if check is not None)
 
 
+def generation_setup(model: PreTrainedModel, kwargs: dict, prompt_length: int, device) -> tuple:
+    """(GenerationConfig, LogitsProcessorList) as `model.generate(**kwargs)` builds them for prompts of
+    `prompt_length` tokens: model defaults merged with kwargs, lengths counted from the prompt's end,
+    special tokens as tensors. For decoding loops of our own (beam.py, the serve batcher); these are
+    transformers 5.x internals, so they are reached from here only.
+    """
+    config, _ = model._prepare_generation_config(None, **kwargs)
+    if config.max_new_tokens is not None:
+        config.max_length = prompt_length + config.max_new_tokens
+    if config.min_new_tokens is not None:
+        config.min_length = prompt_length + config.min_new_tokens
+    model._prepare_special_tokens(config, True, device=device)
+    return config, model._get_logits_processor(config, input_ids_seq_length=prompt_length, device=device)
+
+
 class PrefixedCacheLayer(DynamicLayer):
     """A decoder cache layer whose first positions hold the rows' prefix keys/values.
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, StoppingCriteriaList
 
-from . import inject
+from . import _compat, inject
 
 #: generate() keywords this search implements; anything else goes to transformers' own generate.
 SUPPORTED = {"num_beams", "max_new_tokens", "min_new_tokens", "do_sample", "length_penalty", "early_stopping",
@@ -102,13 +102,8 @@ def beam_search(base: PreTrainedModel, batch: inject.PrefixBatch | None, input_i
     """
     kwargs = dict(kwargs)
     positions = kwargs.pop("position_ids")
-    config, _ = base._prepare_generation_config(None, **kwargs)
     t = input_ids.shape[1]
-    config.max_length = t + config.max_new_tokens
-    if config.min_new_tokens is not None:
-        config.min_length = t + config.min_new_tokens
-    base._prepare_special_tokens(config, True, device=input_ids.device)
-    processors = base._get_logits_processor(config, input_ids_seq_length=t, device=input_ids.device)
+    config, processors = _compat.generation_setup(base, kwargs, t, input_ids.device)
     stopping = base._get_stopping_criteria(config, StoppingCriteriaList())
     n = config.num_beams
     pad, eos = config._pad_token_tensor, config._eos_token_tensor  # transformers' fill: (pad or eos[0]) if eos

@@ -74,6 +74,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
+def row_length(row: Encoded) -> int:
+    """Tokens a row puts through the model (source, and target where it is separate): its padding cost."""
+    return len(row.input_ids) + len(row.labels)
+
+
 def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True,
                 window: int = 8) -> list[int]:
     """The rows of epoch `epoch` in batch order: batch k is order[k * batch_size : (k + 1) * batch_size].

@@ -63,12 +63,9 @@ class StepDecoder:
         if key not in self._processors:
             with self.outbox.lock:  # decoding_kwargs may decode the vocabulary once (newline tokens)
                 kwargs = decoding_kwargs(self.outbox.tokenizer, row.config)
-            config, _ = self.base._prepare_generation_config(None, **kwargs)
-            self.base._prepare_special_tokens(config, True, device=self.device)
             if len(self._processors) > 1024:
                 self._processors.clear()
-            self._processors[key] = self.base._get_logits_processor(config, input_ids_seq_length=len(row.prompt),
-                                                                    device=self.device)
+            self._processors[key] = _compat.generation_setup(self.base, kwargs, len(row.prompt), self.device)[1]
         return self._processors[key]
 
     @torch.no_grad()

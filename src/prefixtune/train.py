@@ -18,7 +18,7 @@ from torch import nn
 
 from . import _compat, resume
 from .config import PrefixConfig, TextFormat, TrainConfig, bf16_mode
-from .data import Encoded, batch_order, collate, encode, summed_loss, target_tokens
+from .data import Encoded, batch_order, collate, encode, row_length, summed_loss, target_tokens
 from .model import PrefixTuningModel
 from .models import load_base_model
 from .runlog import RunLog
@@ -116,7 +116,7 @@ def dev_loss(loss_fn: TargetLoss, rows: list[Encoded], cfg: TrainConfig, pad_id:
     """Token-mean cross-entropy on the dev pairs."""
     total, count = 0.0, target_tokens(rows, loss_fn.encoder_decoder)
     device = next(loss_fn.ptm.base.parameters()).device
-    rows = sorted(rows, key=lambda r: len(r.input_ids) + len(r.labels))  # less padding; the sum is the same
+    rows = sorted(rows, key=row_length)  # less padding; the sum is the same
     with torch.no_grad(), autocast:
         for i in range(0, len(rows), cfg.batch_size):
             batch = collate(rows[i : i + cfg.batch_size], pad_id, loss_fn.encoder_decoder)
@@ -198,7 +198,7 @@ class _Loop:
         self.enc_dec = _compat.is_encoder_decoder(self.ptm.base)
         self.loss_fn = TargetLoss(self.ptm)
         self.eval_every = self.cfg.eval_every or self.steps_per_epoch
-        self.lengths = [len(r.input_ids) + len(r.labels) for r in self.train_rows]
+        self.lengths = [row_length(r) for r in self.train_rows]
 
     def run(self) -> dict:
         c, cfg = self.counters, self.cfg
