@@ -189,7 +189,7 @@ def test_prompt_run_once_per_row_equals_transformers_path(family, sample):
 def test_generate_starts_from_a_cache_holding_prefix_and_prompt():
     """prompt_cache: prefix in front of each layer's keys, real length = prompt - 1, repeated per beam."""
     from prefixtune import inject
-    from prefixtune._compat import PrefixedCacheLayer
+    from prefixtune.cache import PrefixedCacheLayer
     from prefixtune.generate import prompt_cache
     from prefixtune.prefix import stack
 

@@ -11,8 +11,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -199,58 +198,3 @@ def generation_setup(model: PreTrainedModel, kwargs: dict, prompt_length: int, d
         config.min_length = prompt_length + config.min_new_tokens
     model._prepare_special_tokens(config, True, device=device)
     return config, model._get_logits_processor(config, input_ids_seq_length=prompt_length, device=device)
-
-
-class PrefixedCacheLayer(DynamicLayer):
-    """A decoder cache layer whose first positions hold the rows' prefix keys/values.
-
-    Decoding then appends one token per step instead of concatenating the whole prefix in front of
-    the whole cache in every layer at every step. The model sees only its real tokens: the sequence
-    length (hence positions and the masks transformers builds) excludes the prefix, while `update`
-    returns [prefix; real] keys, (B, KVH, L + t, D); `inject.prefix_attention` adds the prefix columns
-    to the mask. Beam reordering and row repetition move the prefix with its row.
-    """
-
-    def __init__(self, key: torch.Tensor, value: torch.Tensor):
-        super().__init__()
-        self.prefix_length = int(key.shape[2])
-        self.lazy_initialization(key, value)
-        self.keys, self.values = key, value
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.keys.dtype != key_states.dtype:  # e.g. bf16 autocast: prefix in the compute dtype, once
-            self.keys, self.values = self.keys.to(key_states.dtype), self.values.to(value_states.dtype)
-        return super().update(key_states, value_states, *args, **kwargs)
-
-    def get_seq_length(self) -> int:
-        return int(self.keys.shape[-2]) - self.prefix_length
-
-    # DynamicLayer skips these while no real token is cached; the prefix rows must follow anyway.
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
-        self.values = self.values.index_select(0, beam_idx.to(self.values.device))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.keys = self.keys.repeat_interleave(repeats, dim=0)
-        self.values = self.values.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.keys, self.values = self.keys[indices, ...], self.values[indices, ...]
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove < 0 and -tokens_to_remove > self.get_seq_length():
-            raise ValueError(f"cannot crop {-tokens_to_remove} tokens: only {self.get_seq_length()} follow the prefix")
-        super().crop(tokens_to_remove)
-
-
-def prefixed_cache(model: PreTrainedModel, layer_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache | None:
-    """A decoder-only model's DynamicCache starting with one prefix (key, value) per layer, in layer order.
-
-    None where the cache would not hold the prefix the way attention sees it: sliding-window layers
-    (they would evict it), or a layer count that does not match.
-    """
-    cache = DynamicCache(config=model.config)
-    if len(cache.layers) != len(layer_kv) or any(getattr(layer, "is_sliding", False) for layer in cache.layers):
-        return None
-    cache.layers = [PrefixedCacheLayer(k, v) for k, v in layer_kv]
-    return cache

@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from . import _compat, beam, inject
+from .cache import prefixed_cache
 from .config import GenerateConfig, TextFormat
 from .prefix import PrefixKV, stack
 
@@ -70,7 +71,7 @@ def prompt_cache(base: PreTrainedModel, batch: inject.PrefixBatch | None, input_
       so beam search pays the prompt's compute once per beam (about a quarter of E2E beam-5 decoding
       time on CPU). Here the prompt runs once per row and its cache is copied, rows repeated in place
       as generate repeats them; generate is left with the last prompt token.
-    - with the prefix in the cache (`_compat.PrefixedCacheLayer`, `PrefixBatch.in_cache`), a decoding
+    - with the prefix in the cache (`cache.PrefixedCacheLayer`, `PrefixBatch.in_cache`), a decoding
       step appends one token per layer instead of concatenating prefix and cache anew.
     Decoder-only models, run inside `inject.active(batch)`. None when neither saving applies.
     """
@@ -82,7 +83,7 @@ def prompt_cache(base: PreTrainedModel, batch: inject.PrefixBatch | None, input_
     copies = max(setting("num_beams"), setting("num_return_sequences"))  # generate's own expand_size
     cache = None
     if batch is not None and set(batch.kv) == {("self", i) for i in range(len(batch.kv))}:
-        cache = _compat.prefixed_cache(base, [batch.kv[("self", i)] for i in range(len(batch.kv))])
+        cache = prefixed_cache(base, [batch.kv[("self", i)] for i in range(len(batch.kv))])
         batch.in_cache = cache is not None
     if cache is None:
         if copies == 1 or input_ids.shape[1] < 2:

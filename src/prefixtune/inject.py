@@ -48,7 +48,7 @@ class PrefixBatch:
     visible_from: torch.Tensor | None = None
     in_cache: bool = False
     """True while the model's cache already holds these prefixes in front of each layer's keys
-    (`_compat.PrefixedCacheLayer`): attention then only adds the prefix columns to the mask."""
+    (`cache.PrefixedCacheLayer`): attention then only adds the prefix columns to the mask."""
     _expanded: dict = field(default_factory=dict, repr=False)
 
     @property
