@@ -3,7 +3,7 @@
     python bench/e2e_main.py            # full E2E test set, beam 5 (the README's command)
     LIMIT=64 python bench/e2e_main.py   # any scripts/main.sh variable passes through
 
-Writes bench/results/e2e_main-{bf16,fp32}.json and .md (by whether this CPU has bf16 units, so results
+Writes bench/results/e2e_main-{bf16,fp32}.json and .md (by whether the run used bf16 autocast, so results
 from both kinds of machine are kept side by side): scores (official E2E metrics), training
 and generation time, total wall time, prefix size, and the machine.
 """
@@ -18,25 +18,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from prefixtune import _compat
+from prefixtune import precision
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    units = "bf16 units" if _compat.bf16_wanted("auto", torch.device("cpu")) else "no bf16 units"
-    return f"{cpu} ({units}), {os.cpu_count()} cores, {platform.system()} {platform.machine()}, no GPU"
+    """The CPU, what bf16 autocast does on it (precision.describe_cpu), cores and OS."""
+    return (f"{precision.cpu_name()} ({precision.describe_cpu()}), {os.cpu_count()} cores, "
+            f"{platform.system()} {platform.machine()}, no GPU")
 
 
 def main() -> int:

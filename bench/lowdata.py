@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from e2e_main import machine  # noqa: E402
 
-from prefixtune import GenerateConfig, MultiPrefixModel, _compat, load_base_model  # noqa: E402
+from prefixtune import GenerateConfig, MultiPrefixModel, load_base_model, precision  # noqa: E402
 from prefixtune.config import TextFormat, TrainConfig  # noqa: E402
 from prefixtune.data import collate, encode, epoch_order  # noqa: E402
 from prefixtune.evaluate import score  # noqa: E402
@@ -36,8 +36,8 @@ from prefixtune.train import train  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 INIT_TEXT = "table-to-text:"
-# bf16 autocast only on CPUs with bf16 units (emulated bf16 is ~4x slower than fp32); recorded per run.
-BF16 = _compat.bf16_wanted("auto", torch.device("cpu"))
+# bf16 autocast only where it is measured faster than fp32 (precision.py); recorded per run.
+BF16 = precision.bf16_wanted("auto", torch.device("cpu"))
 # Runs recorded before the machine was kept per run all ran on this one (bf16 autocast).
 EARLIER_MACHINE = "AMD EPYC (bf16 units), 2 cores, Linux x86_64, no GPU"
 

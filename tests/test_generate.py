@@ -146,18 +146,6 @@ def test_infix_rows_mixed_with_prefix_rows(num_beams):
     assert plain.tolist() != first.tolist()
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_bf16_auto_only_with_bf16_units(monkeypatch, native):
-    # oneDNN calls bf16 "supported" on any AVX-512 CPU and then emulates it ~4x slower than fp32, so auto
-    # must follow the hardware units (AVX512_BF16 / AMX), not that check.
-    from prefixtune import _compat
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    cpu = torch.device("cpu")
-    assert _compat.bf16_wanted("auto", cpu) is native
-    assert _compat.bf16_wanted("on", cpu) and not _compat.bf16_wanted("off", cpu)
-
-
 def test_generate_config_bf16_values():
     assert GenerateConfig(bf16=True).validate().bf16 == "on"
     assert GenerateConfig(bf16=False).validate().bf16 == "off"

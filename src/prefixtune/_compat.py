@@ -171,20 +171,6 @@ def enable_checkpointing(model: PreTrainedModel, context_fn) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def bf16_wanted(mode: str, device: torch.device) -> bool:
-    """Resolve an auto/on/off bf16 setting. auto means: only where bf16 has hardware units. oneDNN reports
-    bf16 as "supported" on any AVX-512 CPU, but without AVX512_BF16 or AMX it emulates it, measured ~4x
-    slower than fp32 for a 512x576 @ 576x1536 matmul, so that check is not the one we want."""
-    if mode != "auto":
-        return mode == "on"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
-
-
 def generation_setup(model: PreTrainedModel, kwargs: dict, prompt_length: int, device) -> tuple:
     """(GenerationConfig, LogitsProcessorList) as `model.generate(**kwargs)` builds them for prompts of
     `prompt_length` tokens: model defaults merged with kwargs, lengths counted from the prompt's end,

@@ -115,8 +115,9 @@ class GenerateConfig:
     """Beam search ends for a row once num_beams hypotheses are finished (classic beam search); False
     keeps searching for longer, higher-scoring ones (transformers' default)."""
     bf16: str = "off"
-    """bf16 autocast while decoding: on, off, or auto (on only where the CPU/GPU has bf16 units: about 2x
-    faster there, about 4x slower on CPUs that emulate it). With bf16, outputs may differ slightly from
+    """bf16 autocast while decoding: on, off, or auto (on only where bf16 is measured faster than fp32 on
+    this machine, see precision.py: about 2x faster on some CPUs with bf16 units, 1.5x slower on others,
+    4x slower on CPUs that emulate it). With bf16, outputs may differ slightly from
     fp32 and rows of a batch are only approximately independent of their neighbours."""
     batch_size: int = 16
     """Rows per generation batch in the high-level helpers."""
@@ -191,8 +192,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     bf16: str = "auto"
-    """bf16 autocast: auto (on only where the CPU/GPU has bf16 units; CPUs without them emulate bf16
-    about 4x slower than fp32), on, off."""
+    """bf16 autocast: auto (on only where bf16 is measured faster than fp32 on this machine, decided once
+    per machine, see precision.py), on, off."""
     eval_every: int | None = None
     """Evaluate dev loss every N optimizer steps (default: once per epoch)."""
     patience: int | None = None

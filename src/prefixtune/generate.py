@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from . import _compat, beam, inject
+from . import _compat, beam, inject, precision
 from .cache import prefixed_cache
 from .config import GenerateConfig, TextFormat
 from .prefix import PrefixKV, stack
@@ -161,7 +161,7 @@ def generate_texts(base: PreTrainedModel, tokenizer, prefixes: Sequence[PrefixKV
         torch.manual_seed(config.seed)
     lengths = [len(tokenizer(s).input_ids) for s in sources]
     order = sorted(range(len(sources)), key=lambda i: lengths[i])
-    bf16 = _compat.bf16_wanted(config.bf16, next(base.parameters()).device)
+    bf16 = precision.bf16_wanted(config.bf16, next(base.parameters()).device)
     out: list[str] = [""] * len(sources)
     for start in range(0, len(order), config.batch_size):
         rows = order[start : start + config.batch_size]

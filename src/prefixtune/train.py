@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import _compat, resume
+from . import _compat, precision, resume
 from .config import PrefixConfig, TextFormat, TrainConfig, bf16_mode
 from .data import Encoded, batch_order, collate, encode, row_length, summed_loss, target_tokens
 from .model import PrefixTuningModel
@@ -101,7 +101,7 @@ class TargetLoss(nn.Module):
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
-    wanted = _compat.bf16_wanted(cfg.bf16, device)
+    wanted = precision.bf16_wanted(cfg.bf16, device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=wanted), wanted
 
 
