@@ -45,6 +45,24 @@ def _within_groups(rows: int, group: int, g: torch.Generator) -> torch.Tensor:
     return base + torch.randint(0, group, (rows,), generator=g)
 
 
+def _beam_start(sources: int, beams: int, prompt: int):
+    """Both caches after a prompt pass and its repetition per beam, as generate.prompt_cache leaves them."""
+    layer, ref = PrefixedCacheLayer(*_kv(sources, L, 0)), Reference(*_kv(sources, L, 0))
+    layer.update(*_kv(sources, prompt, 1)), ref.update(*_kv(sources, prompt, 1))
+    layer.batch_repeat_interleave(beams), ref.repeat(beams)
+    return layer, ref
+
+
+def _step_and_reorder(layer, ref, beams: int, seed: int, g: torch.Generator) -> None:
+    """One decoding step's token, then a beam reorder inside each source."""
+    rows = ref.k.shape[0]
+    k, v = _kv(rows, 1, seed)
+    layer.update(k, v), ref.update(k, v)
+    index = _within_groups(rows, beams, g)
+    layer.reorder_cache(index), ref.rows(index)
+    _same(layer, ref)
+
+
 def test_updates_past_capacity_keep_every_token():
     layer, ref = PrefixedCacheLayer(*_kv(2, L, 0)), Reference(*_kv(2, L, 0))
     assert layer.get_seq_length() == 0
@@ -60,26 +78,16 @@ def test_updates_past_capacity_keep_every_token():
 
 def test_beam_reorders_within_repeated_rows_equal_full_row_moves():
     """Beam search: prompt, repeat per beam, then steps each followed by a reorder inside each source."""
-    sources, beams = 3, 4
-    layer, ref = PrefixedCacheLayer(*_kv(sources, L, 0)), Reference(*_kv(sources, L, 0))
-    prompt = _kv(sources, 5, 1)
-    layer.update(*prompt), ref.update(*prompt)
-    layer.batch_repeat_interleave(beams), ref.repeat(beams)
+    beams = 4
+    layer, ref = _beam_start(3, beams, 5)
     g = torch.Generator().manual_seed(0)
-    rows = sources * beams
     for step in range(12):
-        k, v = _kv(rows, 1, 100 + step)
-        layer.update(k, v), ref.update(k, v)
-        index = _within_groups(rows, beams, g)
-        layer.reorder_cache(index), ref.rows(index)
-        _same(layer, ref)
+        _step_and_reorder(layer, ref, beams, 100 + step, g)
 
 
 def test_finished_sources_leave_and_reorders_stay_correct():
-    sources, beams = 4, 3
-    layer, ref = PrefixedCacheLayer(*_kv(sources, L, 0)), Reference(*_kv(sources, L, 0))
-    layer.update(*_kv(sources, 4, 1)), ref.update(*_kv(sources, 4, 1))
-    layer.batch_repeat_interleave(beams), ref.repeat(beams)
+    beams = 3
+    layer, ref = _beam_start(4, beams, 4)
     g = torch.Generator().manual_seed(1)
     keep_sources = torch.tensor([0, 2, 3])  # source 1 is done: its rows leave, whole groups stay
     keep = (keep_sources[:, None] * beams + torch.arange(beams)).reshape(-1)
@@ -87,19 +95,11 @@ def test_finished_sources_leave_and_reorders_stay_correct():
         if event == "drop":
             layer.batch_select_indices(keep), ref.rows(keep)
             assert layer._group == beams  # whole groups: the shared prompt part is still skipped
-        rows = ref.k.shape[0]
-        k, v = _kv(rows, 1, 200 + step)
-        layer.update(k, v), ref.update(k, v)
-        index = _within_groups(rows, beams, g)
-        layer.reorder_cache(index), ref.rows(index)
-        _same(layer, ref)
+        _step_and_reorder(layer, ref, beams, 200 + step, g)
 
 
 def test_reorder_across_sources_and_partial_selection_fall_back_to_whole_rows():
-    sources, beams = 2, 3
-    layer, ref = PrefixedCacheLayer(*_kv(sources, L, 0)), Reference(*_kv(sources, L, 0))
-    layer.update(*_kv(sources, 4, 1)), ref.update(*_kv(sources, 4, 1))
-    layer.batch_repeat_interleave(beams), ref.repeat(beams)
+    layer, ref = _beam_start(2, 3, 4)
     layer.update(*_kv(6, 1, 2)), ref.update(*_kv(6, 1, 2))
     across = torch.tensor([5, 4, 3, 2, 1, 0])  # rows move between sources
     layer.reorder_cache(across), ref.rows(across)
