@@ -72,3 +72,11 @@ def test_a_damaged_cache_file_is_measured_again_and_rewritten(machine, tmp_path)
 
 def test_the_probe_measures_a_positive_ratio():
     assert precision._measure(repeats=1, calls=2) > 0
+
+
+def test_a_cache_folder_that_cannot_be_written_warns_and_still_decides(machine, tmp_path, monkeypatch):
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("PREFIXTUNE_CACHE", str(blocked))
+    with pytest.warns(UserWarning, match="could not keep the bf16 speed probe"):
+        assert precision.bf16_wanted("auto", CPU) is True

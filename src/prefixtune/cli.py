@@ -191,7 +191,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    allocator.retain_freed_memory()  # ~1/3 faster beam decoding on CPU, see allocator.py
+    allocator.retain_freed_memory()  # beam decoding on CPU ~18% faster (measured), see allocator.py
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError) as err:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ MIN_SPEEDUP = 1.15
 #: The probe: (rows, in) @ (in, out), SmolLM2-135M's MLP up-projection for 160 decoding rows.
 _PROBE_SHAPE = (160, 576, 1536)
 _FILE = "bf16-auto.json"
+_LOCK = threading.Lock()  # the server's threads may ask at once: one probe, one write
 
 
 def bf16_wanted(mode: str, device: torch.device) -> bool:
@@ -67,6 +70,11 @@ def describe_cpu() -> str:
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_speedup() -> float:
     """fp32 time / bf16-autocast time of the probe matmul on this machine, measured once and cached."""
+    with _LOCK:
+        return _stored_or_measured()
+
+
+def _stored_or_measured() -> float:
     path = _cache_file()
     key = f"{cpu_name()} | {os.cpu_count()} cores | {torch.get_num_threads()} threads | torch {torch.__version__}"
     known = _read(path)
@@ -74,10 +82,14 @@ def cpu_bf16_speedup() -> float:
         return float(known[key])
     speedup = round(_measure(), 3)
     known[key] = speedup
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # write then rename: no reader sees half a file
-    tmp.write_text(json.dumps(known, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(known, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only cache folder: decide for this process only, and say so
+        warnings.warn(f"could not keep the bf16 speed probe in {path} ({err}); other processes will measure "
+                      "again and may pick another precision. Set PREFIXTUNE_CACHE to a writable folder.")
     return speedup
 
 
