@@ -57,7 +57,7 @@ class PrefixedCacheLayer(DynamicLayer):
             self.keys, self.values = self.keys.to(key_states.dtype), self.values.to(value_states.dtype)
             self._kbuf = self._vbuf = None
         n, new = self._length(), int(key_states.shape[2])
-        if self._kbuf is None or n + new > self._kbuf.shape[2] or self._kbuf.dtype != key_states.dtype:
+        if self._kbuf is None or n + new > self._kbuf.shape[2]:  # (a dtype change above dropped the buffer)
             capacity = max(n + new + _HEADROOM, 2 * (0 if self._kbuf is None else self._kbuf.shape[2]))
             self._allocate(self.keys, self.values, capacity)
         self._kbuf[:, :, n : n + new] = key_states

@@ -62,9 +62,8 @@ def describe_cpu() -> str:
     """What bf16 autocast does on this CPU, for benchmark reports."""
     if not cpu_has_bf16_units():
         return "no bf16 units"
-    speedup = cpu_bf16_speedup()
-    verdict = "bf16 autocast used" if speedup >= MIN_SPEEDUP else "fp32 used"
-    return f"bf16 units, bf16 matmul {speedup:.2f}x the speed of fp32: {verdict}"
+    verdict = "bf16 autocast used" if bf16_wanted("auto", torch.device("cpu")) else "fp32 used"
+    return f"bf16 units, bf16 matmul {cpu_bf16_speedup():.2f}x the speed of fp32: {verdict}"
 
 
 @functools.lru_cache(maxsize=None)
