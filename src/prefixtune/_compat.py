@@ -11,7 +11,8 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -30,6 +31,28 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 
 #: Submodule names of decoder cross-attention in the supported encoder-decoder families.
 _CROSS_ATTENTION_NAMES = ("encoder_attn", "EncDecAttention", "crossattention")
+
+
+#: The transformers release every private name below was checked against (tests/test_compat.py fails
+#: loudly when the installed release behaves differently).
+CHECKED_TRANSFORMERS = "5.23.0"
+
+#: Base class of our decoding cache layer (decoding/cache.py). We rely on its `keys`/`values` tensors
+#: (rows, KVH, T, D), `lazy_initialization`, `crop`, and on DynamicCache calling each layer's
+#: `update`, `get_seq_length`, `reorder_cache`, `batch_select_indices` and `batch_repeat_interleave`.
+CacheLayerBase = DynamicLayer
+
+
+def new_cache(model: PreTrainedModel) -> DynamicCache:
+    """An empty DynamicCache laid out for `model` (one layer per decoder layer, sliding ones marked)."""
+    return DynamicCache(config=model.config)
+
+
+def extend_position_bias(kwargs: dict, prefix_length: int) -> None:
+    """T5 passes its relative position bias (B, H, q, k) to attention: prefix keys get zero bias."""
+    bias = kwargs.get("position_bias")
+    if bias is not None:
+        kwargs["position_bias"] = torch.cat([bias.new_zeros(*bias.shape[:-1], prefix_length), bias], dim=-1)
 
 
 class UnsupportedModelError(ValueError):
@@ -172,15 +195,52 @@ def enable_checkpointing(model: PreTrainedModel, context_fn) -> None:
 
 
 def generation_setup(model: PreTrainedModel, kwargs: dict, prompt_length: int, device) -> tuple:
-    """(GenerationConfig, LogitsProcessorList) as `model.generate(**kwargs)` builds them for prompts of
-    `prompt_length` tokens: model defaults merged with kwargs, lengths counted from the prompt's end,
-    special tokens as tensors. For decoding loops of our own (beam.py, the serve batcher); these are
-    transformers 5.x internals, so they are reached from here only.
+    """(GenerationConfig, LogitsProcessorList, StoppingCriteriaList) as `model.generate(**kwargs)` builds
+    them for prompts of `prompt_length` tokens: model defaults merged with kwargs, lengths counted from the
+    prompt's end, special tokens as tensors. For the decoding engine (decoding/); transformers 5.x internals.
     """
+    from transformers import StoppingCriteriaList
+
     config, _ = model._prepare_generation_config(None, **kwargs)
     if config.max_new_tokens is not None:
         config.max_length = prompt_length + config.max_new_tokens
     if config.min_new_tokens is not None:
         config.min_length = prompt_length + config.min_new_tokens
     model._prepare_special_tokens(config, True, device=device)
-    return config, model._get_logits_processor(config, input_ids_seq_length=prompt_length, device=device)
+    processors = model._get_logits_processor(config, input_ids_seq_length=prompt_length, device=device)
+    return config, processors, model._get_stopping_criteria(config, StoppingCriteriaList())
+
+
+def beam_search_step(model: PreTrainedModel, st, log_probs: torch.Tensor, cur: int, t: int, config,
+                     stopping) -> None:
+    """One step of transformers' `_beam_search` on `st` (decoding/beam.py `BeamState`, (B, n, ...) tensors)
+    given processed log-probs (B, n * V) that already include the running scores: its own top-k,
+    running-beam and finished-beam selection and its early-stop heuristic, in that order."""
+    b, n = st.running.shape[:2]
+    eos = config._eos_token_tensor
+    keep_k = max(2, 1 + (eos.shape[0] if eos is not None else 0)) * n
+    top_lp, top_seq, top_idx = model._get_top_k_continuations(
+        accumulated_log_probs=log_probs, running_sequences=st.running, running_beam_indices=st.running_idx,
+        cur_len=cur, decoder_prompt_len=t, do_sample=False, beams_to_keep=keep_k, num_beams=n, batch_size=b)
+    hits = stopping(top_seq[:, :, : cur + 1].reshape(b * keep_k, -1), None).reshape(b, keep_k)
+    st.running, st.running_scores, st.running_idx = model._get_running_beams_for_next_iteration(
+        topk_log_probs=top_lp, topk_running_sequences=top_seq, topk_running_beam_indices=top_idx,
+        next_token_hits_stopping_criteria=hits, num_beams=n)
+    st.sequences, st.scores, st.idx, st.finished = model._update_finished_beams(
+        sequences=st.sequences, topk_running_sequences=top_seq, beam_scores=st.scores, topk_log_probs=top_lp,
+        beam_indices=st.idx, topk_running_beam_indices=top_idx, is_early_stop_heuristic_unsatisfied=st.improvable,
+        is_sent_finished=st.finished, next_token_hits_stopping_criteria=hits,
+        top_num_beam_mask=torch.arange(keep_k, device=hits.device) < n, num_beams=n, cur_len=cur,
+        decoder_prompt_len=t, length_penalty=config.length_penalty, early_stopping=config.early_stopping)
+    st.improvable = model._check_early_stop_heuristic(
+        is_early_stop_heuristic_unsatisfied=st.improvable, running_beam_scores=st.running_scores,
+        beam_scores=st.scores, is_sent_finished=st.finished, cur_len=cur + 1, max_length=config.max_length,
+        decoder_prompt_len=t, early_stopping=config.early_stopping, length_penalty=config.length_penalty)
+    st.all_hit = bool(torch.all(hits))
+
+
+def logits_to_keep(model: PreTrainedModel) -> dict:
+    """`logits_to_keep=1` where the model's forward takes it (as generate passes it): last position only."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}

@@ -5,10 +5,11 @@ Design: prefixtune registers an attention implementation ("prefixtune") with tra
 `(role, layer)`; when a `PrefixBatch` is active (a context variable), the attention function
 concatenates that slot's prefix keys/values in front of the real ones and extends the mask with the
 prefix columns, then calls the model's usual attention (sdpa or eager). Encoder self-attention and
-cross-attention are reached the same way as decoder self-attention. Nothing is put into the model's
-cache, so every decoding step, beam reordering and cache implementation sees the prefix -- except in
-`generate_ids`, which may hand generate a cache that holds the prefix already (`PrefixBatch.in_cache`);
-then this function adds only the prefix's mask columns.
+cross-attention are reached the same way as decoder self-attention. In training and in transformers'
+own `generate` nothing is put into the model's cache, so every step, beam reordering and cache
+implementation sees the prefix. The decoding engine (decoding/) instead starts from a cache that already
+holds each row's prefix in front of every layer's keys (`PrefixBatch.in_cache`): then this function adds
+only the prefix's mask columns.
 
 Shapes: query (B, H, q, D); key/value (B, KVH, k, D); prefix key/value (B, KVH, L, D); prefix mask (B, L).
 """
@@ -29,6 +30,7 @@ from . import _compat
 ATTENTION_NAME = "prefixtune"
 _SLOT_ATTR = "_prefixtune_slot"
 _BASE_ATTR = "_prefixtune_base"
+_SHAPES_ATTR = "_prefixtune_shapes"
 
 Slot = tuple[str, int]  # (role, layer index within that role)
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -55,26 +57,37 @@ class PrefixBatch:
     def batch_size(self) -> int:
         return int(self.mask.shape[0])
 
-    def rows(self, slot: Slot, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Prefix key, value, mask (and visible_from) for a batch of `n_rows`.
+    def covers(self, slot: Slot) -> bool:
+        """Whether attention slot `slot` gets a prefix from this batch (in kv, or already in the cache)."""
+        return slot in self.kv or (self.in_cache and slot[0] == "self")
 
-        Generation expands each input row to consecutive rows (beams, returned sequences); beam
+    def _factor(self, n_rows: int) -> int:
+        """Generation may expand each row to consecutive rows (beams, returned sequences); beam
         reordering only permutes rows of the same input, so repeating each prefix row in place keeps
-        every row with its own prefix.
-        """
-        key, value = self.kv[slot]
-        if n_rows == self.batch_size:
-            return key, value, self.mask, self.visible_from
+        every row with its own prefix."""
         if n_rows % self.batch_size:
             raise RuntimeError(f"attention batch of {n_rows} rows does not extend a prefix batch of {self.batch_size}")
-        cache_key = (slot, n_rows)
-        if cache_key not in self._expanded:
-            r = n_rows // self.batch_size
+        return n_rows // self.batch_size
+
+    def mask_rows(self, n_rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prefix mask (n_rows, L) and visible_from (n_rows,) or None, for a batch of `n_rows`."""
+        r = self._factor(n_rows)
+        if r == 1:
+            return self.mask, self.visible_from
+        if ("mask", r) not in self._expanded:
             vis = None if self.visible_from is None else self.visible_from.repeat_interleave(r, 0)
-            self._expanded[cache_key] = (
-                key.repeat_interleave(r, 0), value.repeat_interleave(r, 0), self.mask.repeat_interleave(r, 0), vis
-            )
-        return self._expanded[cache_key]
+            self._expanded[("mask", r)] = (self.mask.repeat_interleave(r, 0), vis)
+        return self._expanded[("mask", r)]
+
+    def kv_rows(self, slot: Slot, n_rows: int) -> KV:
+        """Prefix key and value (n_rows, KVH, L, D) of `slot` for a batch of `n_rows`."""
+        key, value = self.kv[slot]
+        r = self._factor(n_rows)
+        if r == 1:
+            return key, value
+        if (slot, r) not in self._expanded:
+            self._expanded[(slot, r)] = (key.repeat_interleave(r, 0), value.repeat_interleave(r, 0))
+        return self._expanded[(slot, r)]
 
 
 _ACTIVE: ContextVar[PrefixBatch | None] = ContextVar("prefixtune_active", default=None)
@@ -119,17 +132,16 @@ def prefix_attention(module: nn.Module, query, key, value, attention_mask, **kwa
         if found is not None:
             found[slot] = (key, value)
         batch = _ACTIVE.get()
-        if batch is not None and slot in batch.kv:
-            pk, pv, pmask, visible_from = batch.rows(slot, query.shape[0])
-            real_len = key.shape[2] - (pk.shape[2] if batch.in_cache else 0)
+        if batch is not None and batch.covers(slot):
+            pmask, visible_from = batch.mask_rows(query.shape[0])
+            width = pmask.shape[1]
+            real_len = key.shape[2] - (width if batch.in_cache else 0)
             attention_mask = _extended_mask(module, query, real_len, attention_mask, pmask, visible_from)
             if not batch.in_cache:
+                pk, pv = batch.kv_rows(slot, query.shape[0])
                 key = torch.cat([pk.to(key.dtype), key], dim=2)
                 value = torch.cat([pv.to(value.dtype), value], dim=2)
-            if kwargs.get("position_bias") is not None:  # T5: no relative bias towards prefix keys
-                bias = kwargs["position_bias"]
-                pad = bias.new_zeros(*bias.shape[:-1], pk.shape[2])
-                kwargs["position_bias"] = torch.cat([pad, bias], dim=-1)
+            _compat.extend_position_bias(kwargs, width)
     base = _compat.base_attention(module, getattr(module, _BASE_ATTR, "sdpa"))
     return base(module, query, key, value, attention_mask, **kwargs)
 
@@ -178,6 +190,16 @@ def attach(model: PreTrainedModel) -> list[Slot]:
     if current != ATTENTION_NAME:
         _compat.set_attention_implementation(model, ATTENTION_NAME)
     return slots
+
+
+def prepare(model: PreTrainedModel) -> tuple[list[Slot], dict[Slot, tuple[int, int]]]:
+    """`attach` the model and read its slot shapes, once per model: (slots, {slot: (KVH, D)})."""
+    known = getattr(model, _SHAPES_ATTR, None)
+    if known is None or model.config._attn_implementation != ATTENTION_NAME:
+        slots = attach(model)
+        known = (slots, layer_shapes(model, slots))
+        setattr(model, _SHAPES_ATTR, known)
+    return known
 
 
 def run_capture(model: PreTrainedModel, input_ids: torch.Tensor | None = None,

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import _compat, checkpoint, generate as gen, inject
+from . import _compat, checkpoint, inject
+from .decoding import api as gen
 from .config import PrefixConfig, TextFormat
 from .prefix import PrefixEncoder, PrefixKV, broadcast, flatten, roles, unflatten
 
@@ -32,8 +33,7 @@ class PrefixTuningModel(nn.Module):
         self.base = base
         self.tokenizer = tokenizer
         base.requires_grad_(False)
-        self.slots = inject.attach(base)
-        self.shapes = inject.layer_shapes(base, self.slots)
+        self.slots, self.shapes = inject.prepare(base)
         self._build(_init)
 
     # --- parametrisation -------------------------------------------------------------------------
@@ -171,8 +171,7 @@ class PrefixTuningModel(nn.Module):
         """Import a PEFT PrefixTuning checkpoint (adapter_config.json + adapter_model.safetensors)."""
         from .peft_import import load_peft_prefix
 
-        slots = inject.attach(base)
-        prefix = load_peft_prefix(directory, base, inject.layer_shapes(base, slots))
+        prefix = load_peft_prefix(directory, base, inject.prepare(base)[1])
         return cls._with_prefix(base, prefix, PrefixConfig(prefix_length=prefix.length, reparam="table"),
                                 tokenizer, TextFormat())
 
@@ -186,8 +185,7 @@ class PrefixTuningModel(nn.Module):
     @classmethod
     def from_pretrained(cls, base: PreTrainedModel, directory: str | os.PathLike, tokenizer=None) -> "PrefixTuningModel":
         """Load a saved prefix onto `base`; refuses a prefix made for another model shape."""
-        slots = inject.attach(base)
-        loaded = checkpoint.load_for(directory, base, inject.layer_shapes(base, slots))
+        loaded = checkpoint.load_for(directory, base, inject.prepare(base)[1])
         cfg = loaded.config
         cfg.reparam, cfg.init_text = "table", None
         return cls._with_prefix(base, loaded.prefix, cfg, tokenizer, loaded.text_format)

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from . import checkpoint, inject
 from .config import GenerateConfig, TextFormat
-from .generate import generate_ids, generate_texts
+from .decoding import generate_ids, generate_texts
 from .prefix import PrefixKV
 
 
@@ -39,8 +39,7 @@ class MultiPrefixModel:
         self.base = base.eval()
         base.requires_grad_(False)
         self.tokenizer = tokenizer
-        self.slots = inject.attach(base)
-        self.shapes = inject.layer_shapes(base, self.slots)
+        self.slots, self.shapes = inject.prepare(base)
         self._tasks: dict[str, Task] = {}
         self._lock = threading.Lock()
 

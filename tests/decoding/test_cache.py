@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefixtune.cache import PrefixedCacheLayer, _HEADROOM
+from prefixtune.decoding.cache import PrefixedCacheLayer, _HEADROOM
 
 H, D, L = 2, 4, 3  # key/value heads, head dim, prefix length
 

@@ -1,8 +1,8 @@
-"""Batched generation where every row may carry its own prefix (or none).
+"""The decoding entry points: token ids in, token ids out (`generate_ids`); texts in, texts out
+(`generate_texts`); and the helpers that turn a GenerateConfig and sources into what they need.
 
-Greedy, beam search and sampling all go through transformers' `generate`; the prefixes stay outside
-the cache (see inject.py), and each row's positions start after its own prefix, so a row generates the
-same text in a mixed, left-padded batch as alone.
+Every row may carry its own prefix (or none); both run on the decoding engine (engine.py) wherever it
+applies, else on transformers' own `generate`.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
-from . import _compat, beam, inject, precision
-from .cache import prefixed_cache
-from .config import GenerateConfig, TextFormat
-from .prefix import PrefixKV, stack
+from .. import _compat, inject, precision
+from ..config import GenerateConfig, TextFormat
+from ..prefix import PrefixKV, stack
+from .engine import Engine
+from .request import Request, supported
 
 
 def check_ids(input_ids: torch.Tensor) -> None:
@@ -27,12 +28,15 @@ def check_ids(input_ids: torch.Tensor) -> None:
 
 
 def generate_ids(base: PreTrainedModel, prefixes: Sequence[PrefixKV | None], input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None, prefill_once: bool = True, **kwargs) -> torch.Tensor:
-    """`base.generate` with row i prefixed by prefixes[i]; input left-padded (decoder-only).
+                 attention_mask: torch.Tensor | None = None, prefill_once: bool = True,
+                 seeds: Sequence[int | None] | None = None, **kwargs) -> torch.Tensor:
+    """`base.generate(**kwargs)` with row i prefixed by prefixes[i]; input left-padded (decoder-only).
 
-    prefill_once: start from a cache holding each row's prefix and prompt (see `prompt_cache`), and run
-    beam search with `beam.beam_search`, which stops computing finished sources; False runs transformers'
-    own `generate`, prefixes concatenated at every step (the reference in tests).
+    Runs on the decoding engine (engine.py) where it can: decoder-only models and the options in
+    `request.SUPPORTED`; greedy and beam search give exactly what transformers' `generate` gives, and
+    sampling draws from a generator per row (seeds[i], or one drawn from torch's global generator), so a
+    row samples the same whatever its neighbours. Anything else, and prefill_once=False (the reference in
+    tests), runs transformers' own `generate` with the prefixes concatenated in every attention call.
     Returns what transformers returns (decoder-only: prompt + new tokens; encoder-decoder: decoder ids).
     """
     check_ids(input_ids)
@@ -40,61 +44,53 @@ def generate_ids(base: PreTrainedModel, prefixes: Sequence[PrefixKV | None], inp
         raise ValueError(f"{len(prefixes)} prefixes for {input_ids.shape[0]} input rows: give one per row (None for none)")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if prefill_once and supported(kwargs) and Engine.can_run(base):
+        return _engine_generate(base, prefixes, input_ids, attention_mask, seeds, kwargs)
+    return _transformers_generate(base, prefixes, input_ids, attention_mask, kwargs)
+
+
+def _engine_generate(base, prefixes, input_ids, attention_mask, seeds, kwargs) -> torch.Tensor:
+    rows = attention_mask.bool().tolist()
+    requests = [Request([t for t, m in zip(ids, keep) if m] or ids[-1:], p, kwargs,
+                        None if seeds is None else seeds[i])
+                for i, (ids, keep, p) in enumerate(zip(input_ids.tolist(), rows, prefixes))]
+    engine = Engine(base)
+    engine.add(requests)
+    engine.run()
+    config = engine.setup(kwargs, 0)[0]
+    beams = int(config.num_beams or 1) > 1
+    pad = config._pad_token_tensor
+    if beams:  # transformers fills unused positions of beam outputs with pad (or eos[0] when pad is 0/unset)
+        eos = config._eos_token_tensor
+        fill = -1 if eos is None else int(pad if pad is not None and int(pad) != 0 else eos.reshape(-1)[0])
+    else:
+        fill = int(pad) if pad is not None else int(next(iter(engine.eos_ids(config)), 0))
+    outputs = [(i, seq) for i, r in enumerate(requests) for seq in r.outputs]
+    width = max(len(seq) for _, seq in outputs)
+    new = torch.full((len(outputs), width), fill, dtype=input_ids.dtype, device=input_ids.device)
+    for j, (_, seq) in enumerate(outputs):
+        new[j, : len(seq)] = torch.tensor(seq, dtype=input_ids.dtype)
+    prompts = input_ids[torch.tensor([i for i, _ in outputs], device=input_ids.device)]
+    return torch.cat([prompts, new], dim=1)
+
+
+def _transformers_generate(base, prefixes, input_ids, attention_mask, kwargs) -> torch.Tensor:
+    """transformers' `generate`, each row's prefix concatenated in every attention call."""
     given = [p for p in prefixes if p is not None]
     # Infix rows: the last prompt token (the separator) and all generated tokens see the infix.
-    boundary = torch.tensor([input_ids.shape[1] - 1 if p is not None and p.infix else 0 for p in prefixes],
-                            device=input_ids.device)
     has_infix = any(p.infix for p in given)
+    boundary = torch.tensor([input_ids.shape[1] - 1 if p is not None and p.infix else 0 for p in prefixes],
+                            device=input_ids.device) if has_infix else None
     batch = None
     if given:
         shapes = given[0].shapes()
         batch = stack(prefixes, list(shapes), shapes, device=input_ids.device,
-                      dtype=next(iter(given[0].kv.values()))[0].dtype, visible_from=boundary if has_infix else None)
+                      dtype=next(iter(given[0].kv.values()))[0].dtype, visible_from=boundary)
     if not _compat.is_encoder_decoder(base):
         offsets = torch.tensor([0 if p is None else p.length for p in prefixes], device=input_ids.device)
-        kwargs["position_ids"] = inject.position_ids(attention_mask, offsets, boundary if has_infix else None)
+        kwargs["position_ids"] = inject.position_ids(attention_mask, offsets, boundary)
     with inject.active(batch):
-        if prefill_once and "past_key_values" not in kwargs and not _compat.is_encoder_decoder(base):
-            cache = prompt_cache(base, batch, input_ids, attention_mask, kwargs)
-            if cache is not None and beam.supported(kwargs):
-                return beam.beam_search(base, batch, input_ids, attention_mask, cache, kwargs)
-            kwargs["past_key_values"] = cache
         return base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-
-def prompt_cache(base: PreTrainedModel, batch: inject.PrefixBatch | None, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, kwargs: dict) -> DynamicCache | None:
-    """The cache `generate` starts from: each row's prefix, then its prompt but the last token.
-
-    Two savings over transformers' own path, which leaves the cache empty:
-    - transformers copies every prompt max(num_beams, num_return_sequences) times *before* running it,
-      so beam search pays the prompt's compute once per beam (about a quarter of E2E beam-5 decoding
-      time on CPU). Here the prompt runs once per row and its cache is copied, rows repeated in place
-      as generate repeats them; generate is left with the last prompt token.
-    - with the prefix in the cache (`cache.PrefixedCacheLayer`, `PrefixBatch.in_cache`), a decoding
-      step appends one token per layer instead of concatenating prefix and cache anew.
-    Decoder-only models, run inside `inject.active(batch)`. None when neither saving applies.
-    """
-    config = kwargs.get("generation_config")
-
-    def setting(name):  # a keyword wins over a GenerationConfig, as in `generate`
-        return int(kwargs.get(name) or getattr(config, name, None) or 1)
-
-    copies = max(setting("num_beams"), setting("num_return_sequences"))  # generate's own expand_size
-    cache = None
-    if batch is not None and set(batch.kv) == {("self", i) for i in range(len(batch.kv))}:
-        cache = prefixed_cache(base, [batch.kv[("self", i)] for i in range(len(batch.kv))])
-        batch.in_cache = cache is not None
-    if cache is None:
-        if copies == 1 or input_ids.shape[1] < 2:
-            return None
-        cache = DynamicCache(config=base.config)
-    if input_ids.shape[1] >= 2:
-        base.base_model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                        position_ids=kwargs["position_ids"][:, :-1], past_key_values=cache, use_cache=True)
-    if copies > 1:
-        cache.batch_repeat_interleave(copies)
-    return cache
 
 
 _NEWLINE_IDS: dict[int, list[list[int]]] = {}
@@ -157,7 +153,7 @@ def generate_texts(base: PreTrainedModel, tokenizer, prefixes: Sequence[PrefixKV
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     kwargs = decoding_kwargs(tokenizer, config)
-    if config.seed is not None:
+    if config.seed is not None:  # transformers' path (e.g. encoder-decoder sampling) draws from torch's generator
         torch.manual_seed(config.seed)
     lengths = [len(tokenizer(s).input_ids) for s in sources]
     order = sorted(range(len(sources)), key=lambda i: lengths[i])
@@ -167,7 +163,8 @@ def generate_texts(base: PreTrainedModel, tokenizer, prefixes: Sequence[PrefixKV
         rows = order[start : start + config.batch_size]
         ids, mask = encode_sources(tokenizer, base, [sources[i] for i in rows], [formats[i] for i in rows])
         with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-            result = generate_ids(base, [prefixes[i] for i in rows], ids, mask, **kwargs)
+            result = generate_ids(base, [prefixes[i] for i in rows], ids, mask,
+                                  seeds=[config.seed] * len(rows) if config.seed is not None else None, **kwargs)
         new = result if _compat.is_encoder_decoder(base) else result[:, ids.shape[1]:]
         for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
             out[i] = text.strip()

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+
+from .._compat import CacheLayerBase, new_cache
 
 #: Positions a buffer gains beyond what it needs when it is (re)allocated; doubling when it runs out.
 _HEADROOM = 64
 
 
-class PrefixedCacheLayer(DynamicLayer):
+class PrefixedCacheLayer(CacheLayerBase):
     """One decoder layer's cache: prefix keys/values first, then the real tokens', in a growable buffer."""
 
     def __init__(self, key: torch.Tensor, value: torch.Tensor):
@@ -131,8 +132,51 @@ def prefixed_cache(model: PreTrainedModel, layer_kv: list[tuple[torch.Tensor, to
     None where the cache would not hold the prefix the way attention sees it: sliding-window layers
     (they would evict it), or a layer count that does not match.
     """
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model)
     if len(cache.layers) != len(layer_kv) or any(getattr(layer, "is_sliding", False) for layer in cache.layers):
         return None
     cache.layers = [PrefixedCacheLayer(k, v) for k, v in layer_kv]
     return cache
+
+
+def merge(model: PreTrainedModel, first: DynamicCache, second: DynamicCache) -> DynamicCache:
+    """One cache holding the rows of `first`, then those of `second` (rows joining a running batch).
+
+    Per layer: the prefix regions are padded at their end to the longer prefix (those slots are masked
+    by the rows' prefix masks, padded the same way), and the real regions are left-padded to the longer
+    one (masked by the attention mask, left-padded the same way). Padding is zeros, never read unmasked.
+    """
+    merged = new_cache(model)
+    merged.layers = [_merge_layers(a, b) for a, b in zip(first.layers, second.layers)]
+    return merged
+
+
+def _merge_layers(a: PrefixedCacheLayer, b: PrefixedCacheLayer) -> PrefixedCacheLayer:
+    prefix = max(a.prefix_length, b.prefix_length)
+    real = max(a.get_seq_length(), b.get_seq_length())
+    rows_a, rows_b = a.keys.shape[0], b.keys.shape[0]
+    dtype = a.keys.dtype if a.keys.dtype == b.keys.dtype else torch.float32
+    shape = (rows_a + rows_b, a.keys.shape[1], prefix + real + _HEADROOM, a.keys.shape[3])
+    kbuf = a.keys.new_zeros(shape, dtype=dtype)
+    vbuf = a.values.new_zeros(shape, dtype=dtype)
+    for rows, layer in ((slice(0, rows_a), a), (slice(rows_a, rows_a + rows_b), b)):
+        p, n = layer.prefix_length, layer.get_seq_length()
+        kbuf[rows, :, :p], vbuf[rows, :, :p] = layer.keys[:, :, :p], layer.values[:, :, :p]
+        kbuf[rows, :, prefix + real - n : prefix + real] = layer.keys[:, :, p:]
+        vbuf[rows, :, prefix + real - n : prefix + real] = layer.values[:, :, p:]
+    out = PrefixedCacheLayer(kbuf[:, :, :prefix], vbuf[:, :, :prefix])
+    out._kbuf, out._vbuf = kbuf, vbuf
+    out.keys, out.values = kbuf[:, :, : prefix + real], vbuf[:, :, : prefix + real]
+    return out
+
+
+def trim_left(cache: DynamicCache, columns: int) -> None:
+    """Drop the first `columns` real positions of every row (columns that are padding in every row)."""
+    if columns <= 0:
+        return
+    for layer in cache.layers:
+        p, n = layer.prefix_length, layer._length()
+        keys = torch.cat([layer.keys[:, :, :p], layer.keys[:, :, p + columns : n]], dim=2)
+        values = torch.cat([layer.values[:, :, :p], layer.values[:, :, p + columns : n]], dim=2)
+        layer._allocate(keys, values, int(keys.shape[2]) + _HEADROOM)
+        layer._group, layer._shared = 1, 0
