@@ -97,3 +97,12 @@ def save_tiny(path, family: str = "llama", seed: int = 0) -> str:
 @pytest.fixture
 def tiny_dir(tmp_path):
     return save_tiny(tmp_path / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the hand-offs cost ~3x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -46,7 +46,11 @@ class Engine:
         self.device = next(base.parameters()).device
         self.forward_extra = _compat.logits_to_keep(base)
         self._setups: dict[tuple, tuple] = {}
-        self.groups: list = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every running request (after a failed step, whose batch state cannot be trusted)."""
+        self.groups = []
         self.cache = self.mask = self.prefix_mask = self.pos = self.next_ids = None
 
     @staticmethod

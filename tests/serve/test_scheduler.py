@@ -11,19 +11,12 @@ import torch
 from conftest import DECODER_ONLY, byte_tokenizer, tiny_model
 from prefixtune import GenerateConfig, MultiPrefixModel, PrefixConfig, PrefixTuningModel
 from prefixtune.config import TextFormat
-from prefixtune.generate import encode_sources
-from prefixtune.serve_batcher import Batcher, StepDecoder
-from prefixtune.serve_metrics import Metrics
-from prefixtune.serve_rows import Outbox, QueueFull, Row
+from prefixtune.decoding import encode_sources
+from prefixtune.serve.metrics import Metrics
+from prefixtune.serve.rows import QueueFull, Row
+from prefixtune.serve.scheduler import Batcher
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the hand-offs cost ~3x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TEXTS = ["name[The Eagle]", "a", "some longer input text here", "mid", "xyz abc", "q q q", "0123456789", "hello"]
 
@@ -95,18 +88,18 @@ def test_rows_joining_and_leaving_decode_as_alone(family):
     """Rows join a running batch between steps and leave when done; each equals MultiPrefixModel.generate alone."""
     multi = _multi(family)
     metrics, sink = Metrics(), Collector()
-    decoder = StepDecoder(multi, Outbox(multi.tokenizer, threading.Lock(), metrics), metrics)
+    batcher = Batcher(multi, metrics, max_batch_size=16, max_wait_s=0.01, max_queue=32)  # driven by hand
     cases = _cases(8)
     first, later = _rows(multi, cases[:4], sink), _rows(multi, cases[4:], sink, start=4)
-    decoder.admit(first)
-    decoder.step()
-    decoder.step()
-    running = len(decoder.rows)
+    batcher.admit(first)
+    for _ in range(3):
+        batcher.step()
+    running = batcher.active_rows
     assert 0 < running < 4  # one row has left, the others are mid-way
-    decoder.admit(later)  # joins rows that already have 3 tokens
-    assert len(decoder.rows) == running + 4 - sum(r.finished for r in later)
-    while decoder.rows:
-        decoder.step()
+    batcher.admit(later)  # joins rows that already have 3 tokens
+    assert batcher.active_rows == running + 4
+    while batcher.active_rows:
+        batcher.step()
     _assert_alone(multi, cases, sink)
     for i in range(len(cases)):  # one event per token; deltas (held back at incomplete characters) lead the text
         streamed = "".join(d["text"] for k, d in sink.events[i] if k == "token")
@@ -117,15 +110,19 @@ def test_rows_joining_and_leaving_decode_as_alone(family):
 def test_cancelled_row_leaves_and_others_continue():
     multi = _multi("llama")
     metrics, sink = Metrics(), Collector()
-    decoder = StepDecoder(multi, Outbox(multi.tokenizer, threading.Lock(), metrics), metrics)
+    batcher = Batcher(multi, metrics, max_batch_size=16, max_wait_s=0.01, max_queue=32)
     cases = [(t, x, GenerateConfig(num_beams=1, max_new_tokens=8, min_new_tokens=8)) for t, x, _ in _cases(3)]
+    cases.append(("t1", "beam me", GenerateConfig(num_beams=3, max_new_tokens=8, min_new_tokens=8)))
     rows = _rows(multi, cases, sink, stream=False)
-    decoder.admit(rows)
-    rows[1].cancelled = True
-    decoder.step()
-    assert rows[1] not in decoder.rows and metrics.cancelled_rows == 1
-    while decoder.rows:
-        decoder.step()
+    batcher.admit(rows)
+    batcher.step()
+    batcher.cancel([rows[1], rows[3]])
+    batcher.step()
+    assert rows[1] not in batcher._running and metrics.cancelled_rows == 2
+    assert batcher.engine.lanes == 2  # the beam row's lanes left with it
+    while batcher.active_rows:
+        batcher.step()
+    assert 3 not in sink.events
     assert 1 not in sink.events  # no event for a row nobody waits for
     for i in (0, 2):
         task, text, cfg = cases[i]
@@ -164,39 +161,21 @@ def test_batcher_one_task_per_batch_still_equal():
     assert metrics.batch_rows.counts[metrics.batch_rows.buckets.index(2)] == metrics.batch_rows.count  # 2 rows a task
 
 
-def test_beam_group_does_not_pause_step_rows(monkeypatch):
-    """While a beam-search group is being generated, step rows (streams) are decoded to their end."""
+def test_beam_rows_share_passes_with_streams():
+    """A beam-search row joins the running batch: streams keep getting tokens while it decodes."""
     multi = _multi("llama")
     metrics, sink = Metrics(), Collector()
     batcher = Batcher(multi, metrics, max_batch_size=8, max_wait_s=0.01, max_queue=16)
-    beam_started, release = threading.Event(), threading.Event()
-    run_static = batcher._run_static
-
-    def held_static(rows):  # a beam group that runs until the test releases it
-        beam_started.set()
-        assert release.wait(60)
-        run_static(rows)
-
-    monkeypatch.setattr(batcher, "_run_static", held_static)
-    beam = [("t1", "beam me", GenerateConfig(num_beams=3, max_new_tokens=5, min_new_tokens=0))]
-    steps = _cases(4)
-    batcher.start()
-    try:
-        batcher.submit(_rows(multi, beam, sink, start=0, stream=False))
-        assert beam_started.wait(30)
-        batcher.submit(_rows(multi, steps, sink, start=1))
-        deadline = time.monotonic() + 60
-        while not all(sink.events.get(i, [("", {})])[-1][0] == "done" for i in range(1, 5)):
-            assert time.monotonic() < deadline, "step rows did not finish while the beam group ran"
-            time.sleep(0.01)
-        assert 0 not in sink.events  # the beam group is still held
-        release.set()
-        while not sink.finished(5):
-            assert time.monotonic() < deadline, "the beam group did not finish after release"
-            time.sleep(0.01)
-    finally:
-        release.set()
-        batcher.stop()
+    beam = [("t1", "beam me", GenerateConfig(num_beams=3, max_new_tokens=12, min_new_tokens=12))]
+    steps = [(t, x, GenerateConfig(num_beams=1, max_new_tokens=4, min_new_tokens=4)) for t, x, _ in _cases(3)]
+    batcher.admit(_rows(multi, beam, sink, stream=False))
+    batcher.step()
+    batcher.admit(_rows(multi, steps, sink, start=1))
+    for _ in range(4):
+        batcher.step()
+    assert all(sink.final(i)[0] == "done" for i in range(1, 4)) and 0 not in sink.events  # streams done first
+    while batcher.active_rows:
+        batcher.step()
     _assert_alone(multi, beam + steps, sink)
 
 
@@ -204,7 +183,7 @@ def test_encoder_decoder_rows_run_static():
     multi = _multi("t5")
     metrics, sink = Metrics(), Collector()
     batcher = Batcher(multi, metrics, max_batch_size=4, max_wait_s=0.01, max_queue=16)
-    assert not batcher.stepwise(GenerateConfig(num_beams=1))
+    assert not batcher.stepwise(GenerateConfig(num_beams=1)) and batcher.engine is None
     cases = [(t, x, GenerateConfig(num_beams=1 + i % 2, max_new_tokens=6, min_new_tokens=0))
              for i, (t, x, _) in enumerate(_cases(5))]
     _run_batcher(batcher, _rows(multi, cases, sink, stream=False), sink)

@@ -10,21 +10,19 @@ import contextlib
 import dataclasses
 import json
 import time
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from .config import GenerateConfig
-from .generate import encode_sources
-from .multi import MultiPrefixModel, Task
-from .serve_batcher import Batcher
-from .serve_rows import QueueFull, Row
-from .serve_metrics import Metrics
-from .serve_schema import TASK_NAME, ApiError, GenerateRequest, GenerateResponse, Output, Timing
-
-if TYPE_CHECKING:
-    from .serve import ServeSettings
+from ..config import GenerateConfig
+from ..decoding import encode_sources
+from ..multi import MultiPrefixModel, Task
+from .metrics import Metrics
+from .rows import QueueFull, Row
+from .scheduler import Batcher
+from .schema import ApiError, GenerateRequest, GenerateResponse, Output, Timing
+from .settings import TASK_NAME, ServeSettings
 
 
 class GenerateRoute:

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from transformers import LogitsProcessorList
 
-from .config import GenerateConfig
-from .prefix import PrefixKV
-from .serve_metrics import Metrics
+from ..decoding import Request
+from ..config import GenerateConfig
+from ..prefix import PrefixKV
+from .metrics import Metrics
 
 Emit = Callable[[str, dict], None]
 
@@ -46,8 +46,8 @@ class Row:
     finished: bool = False
     sent: str = ""
     """Text already streamed, to send only the new part of the decoded text."""
-    processors: LogitsProcessorList | None = None
-    generator: torch.Generator | None = None
+    request: Request | None = None
+    """The engine's request for this row, once the row has joined the running batch."""
 
 
 def options_key(config: GenerateConfig) -> tuple:

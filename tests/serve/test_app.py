@@ -24,9 +24,10 @@ from conftest import byte_tokenizer, tiny_model
 from prefixtune import GenerateConfig, MultiPrefixModel, PrefixConfig, PrefixTuningModel
 from prefixtune.config import TextFormat
 from prefixtune.serve import ServeSettings, add_cli_arguments, cli_main, create_app, settings_from_args
-from test_serve_batcher import one_torch_thread  # noqa: F401 (module fixture)
 
 TIMEOUT = 60.0
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def save_prefix(directory, length: int, seed: int, fmt: TextFormat | None = None) -> None:
@@ -240,7 +241,7 @@ def test_client_disconnect_cancels_its_row(live):
             with c.stream("POST", "/v1/generate", json=req) as resp:
                 next(line for line in resp.iter_lines() if line.startswith("data: "))
                 hold.acquire()  # the row cannot reach its 64 tokens now; leaving the block disconnects
-            wait_until(lambda: metrics.cancelled_rows > before or any(r.cancelled for r in batcher.decoder.rows))
+            wait_until(lambda: metrics.cancelled_rows > before or any(r.cancelled for r in batcher._running))
     wait_until(lambda: metrics.cancelled_rows == before + 1 and batcher.active_rows == 0)
 
 

@@ -1,0 +1,53 @@
+"""The prefix directory, the server's only state: task names, loading, and skipping broken prefixes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .. import checkpoint
+from ..multi import MultiPrefixModel, Task
+from .schema import ApiError
+from .settings import TASK_NAME
+
+logger = logging.getLogger("prefixtune.serve")
+
+
+def task_dir(root: Path, name: str) -> Path:
+    """Directory of task `name` in `root`; refuses bad names and anything that resolves outside `root`."""
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+        raise ApiError(400, "invalid_task_name", f"invalid task name {name!r}: use 1-64 letters, digits, '_', '.', '-', "
+                       "starting with a letter or digit")
+    base = root.resolve()
+    path = (base / name).resolve()
+    if path == base or not path.is_relative_to(base):
+        raise ApiError(400, "invalid_task_name", f"task {name!r} resolves outside the prefix directory; refused")
+    return path
+
+
+def load_task(multi: MultiPrefixModel, root: Path, name: str) -> Task:
+    """(Re)load task `name` from `root`/name (safetensors only, via checkpoint.load_for)."""
+    path = task_dir(root, name)
+    try:
+        return multi.add(name, path)
+    except FileNotFoundError:
+        raise ApiError(404, "prefix_not_found", f"task {name!r}: no saved prefix in the prefix directory (expected "
+                       f"{name}/{checkpoint.CONFIG_NAME} and {name}/{checkpoint.WEIGHTS_NAME})") from None
+    except ValueError as err:  # PrefixMismatchError or a damaged prefix; hide server paths
+        raise ApiError(422, "invalid_prefix", f"task {name!r}: " + str(err).replace(str(path), name)) from None
+
+
+def load_prefix_dir(multi: MultiPrefixModel, root: Path) -> list[str]:
+    """Load every task of `root` that is not loaded yet (explicit --prefix tasks win); skip broken ones."""
+    loaded, have = [], set(multi.tasks())
+    for sub in sorted(root.iterdir()):
+        if sub.name in have or not (sub / checkpoint.CONFIG_NAME).is_file():
+            continue
+        try:
+            load_task(multi, root, sub.name)
+            loaded.append(sub.name)
+        except ApiError as err:
+            logger.warning("skipping %s: %s", sub, err.message)
+    return loaded
+
+
