@@ -143,6 +143,19 @@ def stack(prefixes: Sequence[PrefixKV | None], slots: Sequence[Slot], shapes: di
     return PrefixBatch(kv=kv, mask=mask, visible_from=visible_from)
 
 
+def row_offsets(prefixes: Sequence[PrefixKV | None], width: int, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(offsets, infix boundary) of left-padded rows `width` tokens wide, for `inject.position_ids`.
+
+    offsets (B,): each row's prefix length (its first real token's position). boundary (B,) or None when no
+    row is an infix: the last prompt token (the separator) and all generated tokens see an infix.
+    """
+    offsets = torch.tensor([0 if p is None else p.length for p in prefixes], device=device)
+    if not any(p is not None and p.infix for p in prefixes):
+        return offsets, None
+    boundary = torch.tensor([width - 1 if p is not None and p.infix else 0 for p in prefixes], device=device)
+    return offsets, boundary
+
+
 def broadcast(prefix: PrefixKV, batch_size: int, visible_from: torch.Tensor | None = None) -> PrefixBatch:
     """The same (possibly trainable) prefix for every row, without copying: gradients flow through."""
     kv = {s: (k.unsqueeze(0).expand(batch_size, *k.shape), v.unsqueeze(0).expand(batch_size, *v.shape))

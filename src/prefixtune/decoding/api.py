@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 
 from .. import _compat, inject, precision
 from ..config import GenerateConfig, TextFormat
-from ..prefix import PrefixKV, stack
+from ..prefix import PrefixKV, row_offsets, stack
 from .engine import Engine
 from .request import Request, supported
 
@@ -77,17 +77,13 @@ def _engine_generate(base, prefixes, input_ids, attention_mask, seeds, kwargs) -
 def _transformers_generate(base, prefixes, input_ids, attention_mask, kwargs) -> torch.Tensor:
     """transformers' `generate`, each row's prefix concatenated in every attention call."""
     given = [p for p in prefixes if p is not None]
-    # Infix rows: the last prompt token (the separator) and all generated tokens see the infix.
-    has_infix = any(p.infix for p in given)
-    boundary = torch.tensor([input_ids.shape[1] - 1 if p is not None and p.infix else 0 for p in prefixes],
-                            device=input_ids.device) if has_infix else None
+    offsets, boundary = row_offsets(prefixes, input_ids.shape[1], input_ids.device)
     batch = None
     if given:
         shapes = given[0].shapes()
         batch = stack(prefixes, list(shapes), shapes, device=input_ids.device,
                       dtype=next(iter(given[0].kv.values()))[0].dtype, visible_from=boundary)
     if not _compat.is_encoder_decoder(base):
-        offsets = torch.tensor([0 if p is None else p.length for p in prefixes], device=input_ids.device)
         kwargs["position_ids"] = inject.position_ids(attention_mask, offsets, boundary)
     with inject.active(batch):
         return base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

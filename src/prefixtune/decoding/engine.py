@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .. import _compat, inject
-from ..prefix import stack
+from ..prefix import row_offsets, stack
 from .beam import BeamGroup
 from .cache import merge, prefixed_cache, trim_left
 from .request import Request
@@ -115,14 +115,10 @@ class Engine:
     def _prefill(self, requests: list[Request], ids: torch.Tensor, mask: torch.Tensor) -> dict:
         """Run every prompt but its last token over a cache that starts with the rows' prefixes."""
         prefixes = [r.prefix for r in requests]
-        infix = any(p is not None and p.infix for p in prefixes)
-        # Infix rows: the last prompt token (the separator) and all generated tokens see the infix.
-        boundary = torch.tensor([ids.shape[1] - 1 if p is not None and p.infix else 0 for p in prefixes],
-                                device=self.device) if infix else None
+        offsets, boundary = row_offsets(prefixes, ids.shape[1], self.device)
         given = next((p for p in prefixes if p is not None), None)
         dtype = torch.float32 if given is None else next(iter(given.kv.values()))[0].dtype
         batch = stack(prefixes, self.self_slots, self.shapes, device=self.device, dtype=dtype, visible_from=boundary)
-        offsets = torch.tensor([0 if p is None else p.length for p in prefixes], device=self.device)
         positions = inject.position_ids(mask, offsets, boundary)
         cache = prefixed_cache(self.base, [batch.kv[s] for s in self.self_slots])
         batch.in_cache = True

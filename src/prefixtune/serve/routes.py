@@ -21,7 +21,7 @@ from ..multi import MultiPrefixModel, Task
 from .metrics import Metrics
 from .rows import QueueFull, Row
 from .scheduler import Batcher
-from .schema import ApiError, GenerateRequest, GenerateResponse, Output, Timing
+from .schema import DECODING_FIELDS, ApiError, GenerateRequest, GenerateResponse, Output, Timing
 from .settings import TASK_NAME, ServeSettings
 
 
@@ -67,9 +67,8 @@ class GenerateRoute:
         new = self.settings.default_new_tokens if body.max_new_tokens is None else body.max_new_tokens
         if new > limit:
             raise ApiError(400, "invalid_request", f"max_new_tokens {new} exceeds this server's limit of {limit}")
-        config = GenerateConfig(num_beams=body.num_beams, max_new_tokens=new, min_new_tokens=body.min_new_tokens,
-                                do_sample=body.do_sample, temperature=body.temperature, top_p=body.top_p,
-                                block_newlines=body.block_newlines, length_penalty=body.length_penalty, seed=body.seed)
+        # every decoding field of the request body is a GenerateConfig field of the same name (schema.py)
+        config = GenerateConfig(**{name: getattr(body, name) for name in DECODING_FIELDS}, max_new_tokens=new)
         try:
             config.validate()
         except ValueError as err:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import GenerateConfig
 
 
 
@@ -39,6 +42,14 @@ class GenerateRequest(BaseModel):
     length_penalty: float = Field(1.0, description="Beam search length penalty.")
     seed: int | None = Field(None, description="Sampling seed; input k of the list samples with seed + k.")
     stream: bool = Field(False, description="Answer with server-sent events: token deltas, then the full result.")
+
+
+DECODING_FIELDS = tuple(name for name in GenerateRequest.model_fields
+                        if name in {f.name for f in dataclasses.fields(GenerateConfig)} and name != "max_new_tokens")
+"""Request fields that are GenerateConfig fields (max_new_tokens is resolved against server limits first)."""
+_unknown = set(GenerateRequest.model_fields) - set(DECODING_FIELDS) - {"task", "input", "stream", "max_new_tokens"}
+if _unknown:  # a decoding option added to the schema must exist in GenerateConfig, where options are declared
+    raise TypeError(f"GenerateRequest fields {sorted(_unknown)} are not GenerateConfig fields")
 
 
 class Output(BaseModel):
