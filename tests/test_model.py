@@ -159,21 +159,41 @@ def test_empty_input_and_missing_tokenizer():
         PrefixTuningModel(tiny_model("gpt2"), PrefixConfig(init_text="hello"))
 
 
-def _prefix_grads(ptm, ids):
+def _attention_outputs(ptm, ids):
+    """Prefix gradients, and each layer's self-attention outputs in the forward pass and during backward."""
+    seen = {"forward": {}, "backward": {}}
+    phase = ["forward"]
+
+    def hook(layer):
+        return lambda module, args, out: seen[phase[0]].setdefault(layer, []).append(out[0].detach().clone())
+
+    handles = [layer.self_attn.register_forward_hook(hook(i)) for i, layer in enumerate(ptm.base.model.layers)]
     ptm.zero_grad()
-    ptm(ids, labels=ids).loss.backward()
-    return {n: p.grad.clone() for n, p in ptm.named_parameters() if p.requires_grad}
+    loss = ptm(ids, labels=ids).loss
+    phase[0] = "backward"
+    loss.backward()
+    for handle in handles:
+        handle.remove()
+    return {n: p.grad.clone() for n, p in ptm.named_parameters() if p.requires_grad}, seen
 
 
-def test_gradient_checkpointing_keeps_the_prefix_in_recomputation():
+def test_gradient_checkpointing_recomputes_attention_with_the_prefix():
     ids = torch.randint(0, 250, (2, 7))
     plain = PrefixTuningModel(tiny_model("llama"), PrefixConfig(prefix_length=3, mlp_hidden=16))
     plain.base.train()  # same mode as the checkpointed run; the tiny llama has no dropout
-    expected = _prefix_grads(plain, ids)
+    expected, seen = _attention_outputs(plain, ids)
+    assert seen["backward"] == {}  # without checkpointing, backward runs no forward
     ckpt = PrefixTuningModel(tiny_model("llama"), PrefixConfig(prefix_length=3, mlp_hidden=16))
     ckpt.enable_gradient_checkpointing()
     ckpt.base.train()
-    got = _prefix_grads(ckpt, ids)
+    got, seen = _attention_outputs(ckpt, ids)
+    layers = range(len(ckpt.base.model.layers))
+    # each layer's attention ran once forward and once again in backward (the recomputation), with the same
+    # output: the recomputed attention saw the prefix (without it the output would differ)
+    assert {i: len(seen["forward"][i]) for i in layers} == {i: len(seen["backward"].get(i, [])) for i in layers} \
+        == {i: 1 for i in layers}
+    assert all(torch.equal(seen["forward"][i][0], seen["backward"][i][0]) for i in layers)
+    assert expected.keys() == got.keys()
     assert all(torch.allclose(expected[n], got[n], atol=1e-6) for n in expected)
 
 

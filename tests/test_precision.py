@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from prefixtune import precision
 
 CPU = torch.device("cpu")
+MEASURE = precision._measure  # the real probe (the `machine` fixture stands a scripted one in for it)
 
 
 @pytest.fixture
@@ -37,7 +39,7 @@ def test_on_and_off_are_taken_as_given(machine):
 
 
 def test_no_bf16_units_means_fp32_without_measuring(machine):
-    # oneDNN calls bf16 "supported" on any AVX-512 CPU and then emulates it ~4x slower than fp32.
+    # oneDNN calls bf16 "supported" on any AVX-512 CPU and then emulates it, much slower than fp32.
     machine["units"] = False
     assert precision.bf16_wanted("auto", CPU) is False
     assert machine["probes"] == 0 and precision.describe_cpu() == "no bf16 units"
@@ -45,7 +47,7 @@ def test_no_bf16_units_means_fp32_without_measuring(machine):
 
 @pytest.mark.parametrize("speedup, wanted", [(2.0, True), (1.2, True), (1.1, False), (0.6, False)])
 def test_with_bf16_units_auto_follows_the_measured_speedup(machine, speedup, wanted):
-    # e.g. an Intel Xeon with avx512_bf16 but no AMX, where bf16 autocast ran at 0.6x fp32's speed
+    # e.g. 0.6: an Intel Xeon with avx512_bf16 but no AMX, where bf16 autocast was slower than fp32
     machine["speedup"] = speedup
     assert precision.bf16_wanted("auto", CPU) is wanted
     assert ("bf16 autocast used" in precision.describe_cpu()) is wanted
@@ -70,8 +72,37 @@ def test_a_damaged_cache_file_is_measured_again_and_rewritten(machine, tmp_path)
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_the_probe_measures_a_positive_ratio():
-    assert precision._measure(repeats=1, calls=2) > 0
+@pytest.fixture
+def fake_timing(monkeypatch):
+    """The probe's clock advances only when its layer runs (which then computes nothing), by the next scripted
+    cost for the precision the layer runs in; the first call of each precision is the untimed warm-up."""
+    clock = {"now": 0.0, "costs": {}, "ran": []}
+
+    def forward(layer, x):
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        clock["ran"].append(dtype)
+        clock["now"] += clock["costs"][dtype].pop(0)
+        return x
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", forward)
+    monkeypatch.setattr(precision, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    return clock
+
+
+def test_the_probe_is_fp32_time_over_bf16_time_best_of_the_repeats(fake_timing):
+    # repeats of 2 calls: fp32 takes 10, 4, 6 (best 4), bf16 2, 6, 4 (best 2); the warm-ups (100) are not timed
+    fake_timing["costs"] = {torch.float32: [100, 5, 5, 2, 2, 3, 3], torch.bfloat16: [100, 1, 1, 3, 3, 2, 2]}
+    assert precision._measure(repeats=3, calls=2) == 2.0  # a mean would give 1.67, a timed warm-up 1.0
+    assert fake_timing["ran"] == [torch.float32] * 7 + [torch.bfloat16] * 7
+    assert all(not costs for costs in fake_timing["costs"].values())
+
+
+@pytest.mark.parametrize("fp32, bf16, wanted", [(1.2, 1.0, True), (1.1, 1.0, False), (1.0, 2.0, False)])
+def test_auto_decides_on_the_probe_s_measurement(machine, monkeypatch, fake_timing, fp32, bf16, wanted):
+    monkeypatch.setattr(precision, "_measure", MEASURE)
+    fake_timing["costs"] = {torch.float32: [0.0] + [fp32] * 100, torch.bfloat16: [0.0] + [bf16] * 100}
+    assert precision.bf16_wanted("auto", CPU) is wanted
+    assert precision.cpu_bf16_speedup() == round(fp32 / bf16, 3)
 
 
 def test_a_cache_folder_that_cannot_be_written_warns_and_still_decides(machine, tmp_path, monkeypatch):

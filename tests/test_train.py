@@ -181,4 +181,14 @@ def test_ablation_variants_train_save_and_generate(tiny_dir, tmp_path, options):
     inputs.write_text('{"task": "t", "input": "name[The Eagle]"}\n')
     assert main(["generate", "--model", tiny_dir, "--prefix", f"t={out}", "--input", str(inputs),
                  "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "5"]) == 0
-    assert json.loads((tmp_path / "out.jsonl").read_text())["output"] is not None
+    (record,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert set(record) == {"task", "input", "output"} and (record["task"], record["input"]) == ("t", "name[The Eagle]")
+    # the written output is the text the saved prefix generates through the library, not a placeholder
+    from prefixtune.config import GenerateConfig
+    from prefixtune.models import load_base_model
+    from prefixtune.multi import MultiPrefixModel
+
+    multi = MultiPrefixModel(*load_base_model(tiny_dir))
+    multi.add("t", out)
+    (expected,) = multi.generate(["name[The Eagle]"], ["t"], GenerateConfig(max_new_tokens=5))
+    assert isinstance(expected, str) and expected and record["output"] == expected

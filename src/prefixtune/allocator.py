@@ -3,11 +3,11 @@
 Why: PyTorch has no caching allocator on the CPU, so every tensor comes from malloc. A beam-search step
 makes several full-vocabulary temporaries (logits, log-probs, processed scores: 160 rows x 49,152 x 4
 bytes = 31 MB each for 32 sources x 5 beams on SmolLM2). glibc serves blocks that large with mmap and
-unmaps them on free, so each step the kernel maps and zeroes fresh pages again: in a profile of E2E beam
-decoding (torch.profiler, fp32, 2-core Xeon) an add or copy of one such tensor took ~90 ms. Measured on 32
-E2E test MRs, beam 5, fp32, three runs in each of two processes per setting: 15.8-18.4 s untuned,
-12.9-15.5 s tuned (best 12.9 vs 15.8 s, -18%), the same outputs. With mmap's threshold at its maximum (32 MiB) and trimming effectively off, freed blocks
-stay in the heap and are reused. The cost is that the process keeps its peak heap instead of shrinking.
+unmaps them on free, so each step the kernel maps and zeroes fresh pages again, which makes a simple add
+or copy of such a tensor slow in a profile of beam decoding. With mmap's threshold at its maximum (32 MiB)
+and trimming effectively off, freed blocks stay in the heap and are reused; outputs do not change. The
+cost is that the process keeps its peak heap instead of shrinking. What it saves is measured in the
+README's main-job table ("before allocator.py" row; bench/results/history/).
 
 Called by the command line (`prefixtune ...`) for its own process; library users may call it too.
 """

@@ -116,8 +116,8 @@ class GenerateConfig:
     keeps searching for longer, higher-scoring ones (transformers' default)."""
     bf16: str = "off"
     """bf16 autocast while decoding: on, off, or auto (on only where bf16 is measured faster than fp32 on
-    this machine, see precision.py: about 2x faster on some CPUs with bf16 units, 1.5x slower on others,
-    4x slower on CPUs that emulate it). With bf16, outputs may differ slightly from
+    this machine, see precision.py: CPU flags do not tell, bf16 is much faster than fp32 on some CPUs and
+    slower on others; the README has the measurements). With bf16, outputs may differ slightly from
     fp32 and rows of a batch are only approximately independent of their neighbours."""
     batch_size: int = 16
     """Rows per generation batch in the high-level helpers."""

@@ -1,13 +1,13 @@
 """Whether bf16 autocast pays off on a device: the one place that resolves `bf16="auto"`.
 
 Why it measures instead of reading CPU flags: the flags do not tell. Without AVX512_BF16 or AMX, oneDNN
-still calls bf16 "supported" on AVX-512 CPUs and emulates it, ~4x slower than fp32 (a 512x576 @ 576x1536
-matmul on a 2-core Xeon). With AVX512_BF16 it can still lose: on a 2-core Intel Xeon with avx512_bf16
-but no AMX, bf16 autocast took 1.6x as long as fp32 for a SmolLM2 training step and 1.5x for beam
-decoding, while on a 2-core AMD EPYC with avx512_bf16 it was about 2x faster. So on a CPU with bf16
-units `auto` times one matmul of the default model's shape both ways, once per machine, and keeps the
-answer in the cache folder: every process there (train, a resumed train, evaluate, serve) then picks
-the same precision, which keeps resumed training bit-identical.
+still calls bf16 "supported" on AVX-512 CPUs and emulates it, much slower than fp32, so such CPUs get
+fp32 without measuring. With AVX512_BF16 it can still lose: on some CPUs with avx512_bf16 but no AMX,
+bf16 autocast is slower than fp32 for training and beam decoding, while on others it is clearly faster
+(the measured numbers are in the README's main-job section and bench/results/e2e_main-*.md). So on a
+CPU with bf16 units `auto` times one matmul of the default model's shape both ways, once per machine,
+and keeps the answer in the cache folder: every process there (train, a resumed train, evaluate, serve)
+then picks the same precision, which keeps resumed training bit-identical.
 """
 
 from __future__ import annotations
