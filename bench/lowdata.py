@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from e2e_main import machine  # noqa: E402
 
 from prefixtune import GenerateConfig, MultiPrefixModel, load_base_model, precision  # noqa: E402
-from prefixtune.config import TextFormat, TrainConfig  # noqa: E402
+from prefixtune.config import PrefixConfig, TextFormat, TrainConfig  # noqa: E402
 from prefixtune.data import collate, encode, epoch_order  # noqa: E402
 from prefixtune.evaluate import score  # noqa: E402
 from prefixtune.tasks import load_groups, low_data_split  # noqa: E402
@@ -61,8 +61,9 @@ def run_prefix(size: int, seed: int, steps: int, groups: list, init_text: str | 
     """The paper's low-data prefix: initialised from the activations of "table-to-text:" (L = its tokens)."""
     variant = "" if init_text else "-random" if prefix_length == 10 else f"-random-L{prefix_length}"
     out = ROOT / "runs" / f"{'lowdata' if task == 'e2e' else task}-prefix{variant}-{size}-{seed}"
-    summary = train(TrainConfig(task=task, train_size=size, seed=seed, output=str(out), prefix_length=prefix_length,
-                                init_text=init_text, lr=5e-4, batch_size=10, epochs=10_000, max_steps=steps,
+    prefix = PrefixConfig(prefix_length=prefix_length, init_text=init_text)
+    summary = train(TrainConfig(task=task, train_size=size, seed=seed, output=str(out), prefix=prefix,
+                                lr=5e-4, batch_size=10, epochs=10_000, max_steps=steps,
                                 eval_every=max(1, steps // 5), progress=False))
     base, tok = load_base_model()
     return {"train_seconds": summary["train_seconds"], "trained_parameters": summary["prefix_parameters"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,8 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from prefixtune.cli import main
-from prefixtune.config import TrainConfig
+from prefixtune.config import PrefixConfig, TrainConfig
 from prefixtune.resume import STATE_NAME
+from prefixtune.tasks import TASKS, TrainDefaults
 from prefixtune.train import lr_at, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,14 +115,51 @@ def test_two_process_ddp_equals_one_process(tiny_dir, tmp_path):
 
 def test_resolve_fills_paper_defaults_and_rejects_bad_values():
     cfg = resolve(TrainConfig(task="webnlg"))
-    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.prefix_length) == (5e-5, 5, 5, 5)
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.prefix.prefix_length) == (5e-5, 5, 5, 5)
     assert resolve(TrainConfig(task="e2e", train_size=100)).lr == 5e-5
-    with pytest.raises(ValueError, match="unknown task 'xsum'"):
+    with pytest.raises(ValueError, match="unknown task 'xsum'; known tasks: e2e, webnlg, dart, jsonl, summarization"):
         resolve(TrainConfig(task="xsum"))
     with pytest.raises(ValueError, match="not divisible by grad_accum 3"):
         resolve(TrainConfig(batch_size=10, grad_accum=3))
     with pytest.raises(ValueError, match="lr must be > 0"):
         resolve(TrainConfig(lr=-1.0))
+    with pytest.raises(ValueError, match="reparam must be one of"):  # the prefix is checked before any loading
+        resolve(TrainConfig(prefix=PrefixConfig(prefix_length=None, reparam="lstm")))
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_resolve_takes_each_tasks_recipe_from_its_spec(task):
+    recipe = TASKS[task].defaults
+    cfg = resolve(TrainConfig(task=task, seed=3))
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.prefix.prefix_length) == (
+        recipe.lr, recipe.epochs, recipe.batch_size, recipe.prefix_length)
+    assert cfg.prefix.seed == 3  # one seed for the subsample, the data order and the prefix
+    low = resolve(TrainConfig(task=task, train_size=50))
+    assert (low.lr, low.batch_size, low.epochs, low.prefix.prefix_length) == (
+        5e-5, 10, recipe.epochs, recipe.prefix_length)
+
+
+def test_resolve_keeps_explicit_values_and_reads_a_newly_registered_spec(monkeypatch):
+    toy = dataclasses.replace(TASKS["jsonl"], name="toy",
+                              defaults=TrainDefaults(lr=1e-2, epochs=2, batch_size=4, prefix_length=3))
+    monkeypatch.setitem(TASKS, "toy", toy)
+    cfg = resolve(TrainConfig(task="toy"))
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.prefix.prefix_length) == (1e-2, 2, 4, 3)
+    given = PrefixConfig(prefix_length=7, init_fit_steps=9)
+    cfg = resolve(TrainConfig(task="toy", lr=0.5, epochs=1, batch_size=2, prefix=given))
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.prefix.prefix_length, cfg.prefix.init_fit_steps) == (0.5, 1, 2, 7, 9)
+    assert given.seed == 0 and given.prefix_length == 7  # the caller's config is not changed
+
+
+def test_prefix_options_from_the_cli_reach_the_trained_prefix(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--task", "e2e", "--model", tiny_dir, "--output", str(out), "--train-size", "8",
+                 "--batch-size", "8", "--max-steps", "1", "--mlp-hidden", "8", "--seed", "3", "--no-progress",
+                 "--init-fit-steps", "7", "--init-fit-lr", "0.002", "--variant", "infix"]) == 0
+    saved = json.loads((out / "prefix_config.json").read_text())["prefix_config"]
+    assert (saved["init_fit_steps"], saved["init_fit_lr"]) == (7, 0.002)
+    assert (saved["variant"], saved["mlp_hidden"]) == ("infix", 8)
+    assert saved["seed"] == 3 and saved["prefix_length"] == TASKS["e2e"].defaults.prefix_length
 
 
 def test_lr_schedule_warmup_then_linear_decay():

@@ -29,24 +29,57 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+def _choices_help(choices) -> str:
+    """' One of: a: its help; b: its help.' for a mapping of value -> one-line help, else the values."""
+    items = [f"{value}: {text}" for value, text in choices.items()] if isinstance(choices, dict) else choices
+    return (" One of: " + "; ".join(map(str, items)) + ".").replace("%", "%%")  # argparse formats help
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip=(), defaults=None) -> None:
+    """One flag per field of the config dataclass `cls`: its help the field's docstring, its default the
+    value in `defaults` (else in a default `cls()`).
+
+    A field whose type is a dataclass is flattened: its fields become flags of their own names, except
+    those in its metadata["cli_skip"] (the outer config sets them), so nesting a config changes no flag.
+    metadata["choices"] (values, a value -> help mapping, or a callable returning either) restricts a
+    flag to those values and lists them in its help.
+    """
     docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
+        default, kind = getattr(defaults, f.name), hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            _add_dataclass_options(parser, kind, f.metadata.get("cli_skip", ()), default)
+            continue
         flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        default_text = f" (default: {f.default})" if f.default is not None else ""
+        text = docs.get(f.name, "") + (f" (default: {default})" if default is not None else "")
+        choices = f.metadata.get("choices")
+        choices = choices() if callable(choices) else choices
+        restrict = {} if choices is None else {"choices": list(choices)}
+        text += "" if choices is None else _choices_help(choices)
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=docs.get(f.name, "") + default_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            parser.add_argument(flag, type=base, default=f.default, dest=f.name, help=docs.get(f.name, "") + default_text)
+            parser.add_argument(flag, type=base, default=default, dest=f.name, help=text, **restrict)
 
 
-def _config_from(args: argparse.Namespace, cls):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+def _config_from(args: argparse.Namespace, cls, skip=(), defaults=None):
+    """The config `cls` from flags added by `_add_dataclass_options`: flattened fields are gathered back
+    into their nested config; skipped fields keep the value in `defaults` (else in a default `cls()`)."""
+    hints = typing.get_type_hints(cls)
+    defaults = cls() if defaults is None else defaults
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            values[f.name] = getattr(defaults, f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = _config_from(args, hints[f.name], f.metadata.get("cli_skip", ()), getattr(defaults, f.name))
+        else:
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)
 
 
 def _parse_prefixes(items: list[str]) -> dict[str, str]:
@@ -183,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help="e2e, webnlg, dart, jsonl or summarization")
+    from .tasks import task_help  # the registry owns each task's name and help line
+
+    tasks = task_help()
+    p.add_argument("--task", required=True, choices=list(tasks), help="the task." + _choices_help(tasks))
     p.add_argument("--split", default="test", help="dataset split (default: test)")
     p.add_argument("--data-dir", help="data root (else $PREFIXTUNE_DATA, else ../shared/data)")
     p.add_argument("--file", help="data file for the jsonl/summarization tasks")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 MAX_PREFIX_LENGTH = 4096
@@ -14,9 +14,10 @@ VARIANTS = ("prefix", "infix")
 class PrefixConfig:
     """The trainable prefix (Li & Liang 2021, §4)."""
 
-    prefix_length: int = 10
+    prefix_length: int | None = 10
     """L, the number of prefix positions each attention layer gets. Ignored when `init_text` is set:
-    then L is the number of tokens of that text."""
+    then L is the number of tokens of that text. In a TrainConfig (`prefixtune train`) None, the default
+    there, takes the task's default (E2E/WebNLG 5, DART 10, summarization 100)."""
     reparam: str = "mlp"
     """"mlp": P = MLP(P') during training (the paper's stable choice), dropped after training;
     "table": P is trained directly; "embedding": the embedding-only ablation (only L input embeddings
@@ -143,12 +144,20 @@ class GenerateConfig:
         return self
 
 
+def _task_choices() -> dict[str, str]:
+    """Registered task names and their one-line help, for the CLI's --task (the task registry owns them)."""
+    # Imported here, not at the top: task files may come to import configs (a task's TextFormat).
+    from .tasks import task_help
+
+    return task_help()
+
+
 @dataclass
 class TrainConfig:
     """One training run (`prefixtune train`). None means: the task's default from the paper's recipe."""
 
-    task: str = "e2e"
-    """Task name (e2e, webnlg, dart, jsonl, summarization)."""
+    task: str = field(default="e2e", metadata={"choices": _task_choices})
+    """The task: its data, its training defaults (lr, epochs, batch size, prefix length) and its metrics."""
     output: str = "runs/prefix"
     """Run directory: the best prefix (what --prefix takes elsewhere), logs, plot, resume state."""
     model: str = "smollm2-135m"
@@ -163,16 +172,10 @@ class TrainConfig:
     """Low-data setting: draw this many training pairs (and a dev set of 30% of it) with `seed`."""
     seed: int = 0
     """Seed of the subsample, the prefix initialisation and the data order."""
-    prefix_length: int | None = None
-    """Prefix length L (task default: E2E/WebNLG 5, DART 10, else 10)."""
-    reparam: str = "mlp"
-    """mlp, table or embedding (see PrefixConfig)."""
-    mlp_hidden: int = 512
-    """Hidden width of the reparametrisation MLP."""
-    variant: str = "prefix"
-    """prefix or infix."""
-    init_text: str | None = None
-    """Initialise from these words' activations (e.g. "table-to-text:")."""
+    prefix: PrefixConfig = field(default_factory=lambda: PrefixConfig(prefix_length=None),
+                                 metadata={"cli_skip": ("seed",)})
+    """The prefix to train; prefix_length None takes the task's default. Its seed is replaced by `seed`
+    (the CLI has one --seed; its other fields are flags of their own names)."""
     epochs: int | None = None
     """Passes over the training set (task default)."""
     max_steps: int | None = None

@@ -13,45 +13,21 @@ from . import precision
 from .checkpoint import read_meta
 from .config import GenerateConfig
 from .multi import MultiPrefixModel
-from .tasks import SourceGroup, load_groups
+from .tasks import TASKS, SourceGroup, get_task, load_groups
 
-#: Metric family per task, and the keys shown in the table (in order).
-TABLE_KEYS = {
-    "e2e": ["bleu", "nist", "meteor", "rouge_l", "cider"],
-    "dart": ["bleu", "meteor", "ter"],
-    "jsonl": ["bleu", "meteor", "ter"],
-    "summarization": ["rouge1", "rouge2", "rougeL"],
-}
+#: The keys each task's table shows, in order; read from the specs (``TaskSpec.metrics``), which own them.
+TABLE_KEYS = {name: list(spec.metrics.table_keys) for name, spec in TASKS.items()}
 
 
 def score(task: str, predictions: list[str], groups: list[SourceGroup]) -> dict:
-    """Official scores of `predictions` (one per group, in order) against the groups' references."""
-    from . import metrics
-
-    refs = [list(g.references) for g in groups]
-    if task == "e2e":
-        return metrics.e2e_scores(predictions, refs)
-    if task == "webnlg":
-        return metrics.webnlg_scores(predictions, refs, [bool(g.meta.get("seen")) for g in groups])
-    if task == "summarization":
-        return metrics.rouge_scores(predictions, refs)
-    return metrics.dart_scores(predictions, refs)
+    """Official scores of `predictions` (one per group, in order) against the groups' references, with the
+    task's metric set; a ValueError naming the known tasks for an unknown task."""
+    return get_task(task).metrics.score(predictions, groups)
 
 
 def format_table(task: str, scores: dict) -> str:
-    """A plain-text table: one row (or one per WebNLG split)."""
-    if task == "webnlg":
-        keys = ["bleu", "meteor", "ter"]
-        lines = [f"{'split':8}" + "".join(f"{k:>10}" for k in keys)]
-        for split in ("seen", "unseen", "all"):
-            lines.append(f"{split:8}" + "".join(_cell(scores[split].get(k)) for k in keys))
-        return "\n".join(lines)
-    keys = TABLE_KEYS.get(task, list(scores))
-    return "".join(f"{k:>10}" for k in keys) + "\n" + "".join(_cell(scores.get(k)) for k in keys)
-
-
-def _cell(value) -> str:
-    return f"{'n/a':>10}" if value is None else f"{value:>10.4f}" if abs(value) < 10 else f"{value:>10.2f}"
+    """A plain-text table of `scores` as the task's metric set lays it out (WebNLG: one row per split)."""
+    return get_task(task).metrics.format_table(scores)
 
 
 def evaluate(multi: MultiPrefixModel, task_name: str, task: str, split: str, output: str | Path,

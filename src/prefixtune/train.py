@@ -17,32 +17,22 @@ import torch
 from torch import nn
 
 from . import _compat, precision, resume
-from .config import PrefixConfig, TextFormat, TrainConfig, bf16_mode
+from .config import TextFormat, TrainConfig, bf16_mode
 from .data import Encoded, batch_order, collate, encode, row_length, summed_loss, target_tokens
 from .model import PrefixTuningModel
 from .models import load_base_model
 from .runlog import RunLog
-from .tasks import TASKS, load_groups, low_data_split, to_examples
-
-#: The paper's recipe (DESIGN §2): lr, epochs, batch size, prefix length.
-TASK_DEFAULTS = {
-    "e2e": dict(lr=8e-5, epochs=5, batch_size=10, prefix_length=5),
-    "webnlg": dict(lr=5e-5, epochs=5, batch_size=5, prefix_length=5),
-    "dart": dict(lr=5e-5, epochs=10, batch_size=5, prefix_length=10),
-    "summarization": dict(lr=5e-5, epochs=30, batch_size=14, prefix_length=100),
-    "jsonl": dict(lr=5e-5, epochs=5, batch_size=10, prefix_length=10),
-}
-#: The paper's low-data setting (used when --train-size is given).
-LOW_DATA_DEFAULTS = dict(lr=5e-5, batch_size=10)
+from .tasks import get_task, load_groups, low_data_split, to_examples
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill options left as None from the task's recipe; validate the rest."""
-    if cfg.task not in TASK_DEFAULTS:
-        raise ValueError(f"unknown task {cfg.task!r}; known tasks: {', '.join(TASK_DEFAULTS)}")
-    defaults = dict(TASK_DEFAULTS[cfg.task], **(LOW_DATA_DEFAULTS if cfg.train_size else {}))
-    filled = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
-    cfg = dataclasses.replace(cfg, **filled)
+    """Fill options left as None from the task's recipe (``TaskSpec.train_defaults``, the low-data one when
+    ``train_size`` is set); validate the rest, the prefix included, before any model or data is loaded."""
+    recipe = get_task(cfg.task).train_defaults(low_data=bool(cfg.train_size))
+    filled = {name: getattr(recipe, name) for name in ("lr", "epochs", "batch_size") if getattr(cfg, name) is None}
+    length = recipe.prefix_length if cfg.prefix.prefix_length is None else cfg.prefix.prefix_length
+    prefix = dataclasses.replace(cfg.prefix, prefix_length=length, seed=cfg.seed).validate()
+    cfg = dataclasses.replace(cfg, prefix=prefix, **filled)
     for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)!r}")
@@ -58,7 +48,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 def load_training_data(cfg: TrainConfig):
     """(train examples, dev examples, a note saying which data was used)."""
-    spec = TASKS[cfg.task]
+    spec = get_task(cfg.task)
     train_split = "train"
     pool = load_groups(cfg.task, train_split, cfg.data_dir, path=cfg.train_file)
     if cfg.train_size:
@@ -75,7 +65,7 @@ def load_training_data(cfg: TrainConfig):
         dev = to_examples([pool[i] for i in sorted(order[:n_dev])])
         train = to_examples([pool[i] for i in sorted(order[n_dev:])])
         note = f"{len(train)} training pairs from {cfg.task}/{train_split}; {len(dev)} dev pairs held out of it"
-    if getattr(spec, "note", ""):
+    if spec.note:
         note += ". " + spec.note
     return train, dev, note
 
@@ -151,9 +141,8 @@ def train(cfg: TrainConfig) -> dict:
         raise FileNotFoundError(f"--resume: {out} holds no resume state; start without --resume")
     base, tokenizer = load_base_model(cfg.model, device=acc.device)
     train_ex, dev_ex, note = load_training_data(cfg)
-    prefix_cfg = PrefixConfig(prefix_length=cfg.prefix_length, reparam=cfg.reparam, mlp_hidden=cfg.mlp_hidden,
-                              variant=cfg.variant, init_text=cfg.init_text, seed=cfg.seed)
-    ptm = PrefixTuningModel(base, prefix_cfg, tokenizer, TextFormat())
+    # A copy: the model rewrites its config (L from init_text, reparam "table" once the MLP is dropped).
+    ptm = PrefixTuningModel(base, dataclasses.replace(cfg.prefix), tokenizer, TextFormat())
     enc_dec = _compat.is_encoder_decoder(base)
     train_rows = encode(train_ex, tokenizer, ptm.text_format, enc_dec, cfg.max_source_tokens, cfg.max_target_tokens)
     dev_rows = encode(dev_ex, tokenizer, ptm.text_format, enc_dec, cfg.max_source_tokens, cfg.max_target_tokens)

@@ -1,20 +1,27 @@
-"""Registry errors, data-folder resolution, to_examples and low_data_split."""
+"""The registry and what each TaskSpec holds (recipe, metrics, help), data-folder resolution,
+to_examples and low_data_split."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pytest
 
+from prefixtune import metrics
 from prefixtune.tasks import (
     TASKS,
     DataNotFoundError,
     Example,
+    MetricSet,
     SourceGroup,
+    TrainDefaults,
     base,
+    get_task,
     load_groups,
     low_data_split,
     resolve_data_dir,
+    task_help,
     to_examples,
 )
 
@@ -37,6 +44,68 @@ def test_unknown_task_lists_the_known_tasks():
     known = "known tasks: e2e, webnlg, dart, jsonl, summarization"
     with pytest.raises(ValueError, match=f"unknown task 'xsum'; {known}"):
         load_groups("xsum", "train")
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_task_has_a_recipe_a_metric_set_and_a_help_line(name):
+    spec = TASKS[name]
+    recipe = spec.defaults
+    assert isinstance(recipe, TrainDefaults) and recipe.lr > 0
+    assert min(recipe.epochs, recipe.batch_size, recipe.prefix_length) >= 1
+    assert spec.train_defaults(low_data=False) == recipe
+    assert spec.train_defaults(low_data=True) == TrainDefaults(5e-5, recipe.epochs, 10, recipe.prefix_length)
+    assert isinstance(spec.metrics, MetricSet) and callable(spec.metrics.score) and spec.metrics.table_keys
+    assert spec.description.strip() and "\n" not in spec.description
+    assert task_help()[name] == spec.description
+
+
+def test_the_paper_recipes():
+    recipes = {name: tuple(vars(spec.defaults).values()) for name, spec in TASKS.items()}
+    assert recipes == {"e2e": (8e-5, 5, 10, 5), "webnlg": (5e-5, 5, 5, 5), "dart": (5e-5, 10, 5, 10),
+                       "jsonl": (5e-5, 5, 10, 10), "summarization": (5e-5, 30, 14, 100)}
+
+
+def test_a_help_line_must_be_one_line():
+    with pytest.raises(ValueError, match="description must be one line"):
+        dataclasses.replace(TASKS["jsonl"], description="two\nlines")
+
+
+def test_get_task_refuses_unknown_names_with_the_known_ones():
+    assert get_task("dart") is TASKS["dart"]
+    known = "known tasks: e2e, webnlg, dart, jsonl, summarization"
+    with pytest.raises(ValueError, match=f"unknown task 'nonexistent'; {known}"):
+        get_task("nonexistent")
+
+
+#: The official metric function each task is scored with (a new task must say which).
+METRIC_OF = {"e2e": "e2e_scores", "webnlg": "webnlg_scores", "dart": "dart_scores", "jsonl": "dart_scores",
+             "summarization": "rouge_scores"}
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_each_task_scores_with_its_official_metric(name, monkeypatch):
+    calls = []
+    for function in set(METRIC_OF.values()):
+        monkeypatch.setattr(metrics, function, lambda *args, function=function: calls.append((function, args)) or {})
+    groups = [SourceGroup("s1", ("r1", "r2"), {"seen": True}), SourceGroup("s2", ("r3",), {})]
+    assert TASKS[name].metrics.score(["p1", "p2"], groups) == {}
+    extra = ([True, False],) if name == "webnlg" else ()  # WebNLG splits scores by seen/unseen category
+    assert calls == [(METRIC_OF[name], (["p1", "p2"], [["r1", "r2"], ["r3"]], *extra))]
+
+
+def test_summarization_table_shows_what_its_metric_returns():
+    spec = TASKS["summarization"]
+    scores = spec.metrics.score(["the cat sat"], [SourceGroup("doc", ("the cat sat",), {})])
+    assert set(scores) == set(spec.metrics.table_keys) and scores["rouge1"] == pytest.approx(100.0)
+
+
+def test_metric_set_tables_show_their_keys_in_order():
+    one_row = MetricSet(lambda p, g: {}, table_keys=("b", "a"))
+    assert one_row.format_table({"a": 1.0, "b": 25.0, "c": 3.0}) == f"{'b':>10}{'a':>10}\n{'25.00':>10}{'1.0000':>10}"
+    assert one_row.format_table({"b": None}).split("\n")[1] == f"{'n/a':>10}" * 2
+    per_split = MetricSet(lambda p, g: {}, table_keys=("bleu",), table_rows=("seen", "all"))
+    table = per_split.format_table({"seen": {"bleu": 40.0}, "all": {"bleu": 30.0}, "unseen": {"bleu": 1.0}})
+    assert table.split("\n") == [f"{'split':8}{'bleu':>10}", f"{'seen':8}{'40.00':>10}", f"{'all':8}{'30.00':>10}"]
 
 
 def test_unknown_split_lists_the_tasks_splits():

@@ -1,9 +1,10 @@
-"""Types and helpers shared by every task loader.
+"""Types and helpers shared by every task: the ``TaskSpec`` a task file fills in, and the data helpers.
 
-The loaders differ only in how they read a file and how they linearise a structured input; everything
-else (where the data lives, how rows with the same source become one multi-reference group, how a
-low-data training set is drawn) is decided here once, so that E2E, WebNLG, DART and users' own files
-behave the same way.
+A ``TaskSpec`` is everything the package knows about a task: its loader, its training recipe
+(``TrainDefaults``), its metrics (``MetricSet``) and its help line. The loaders differ only in how they
+read a file and how they linearise a structured input; everything else (where the data lives, how rows
+with the same source become one multi-reference group, how a low-data training set is drawn) is decided
+here once, so that E2E, WebNLG, DART and users' own files behave the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import pathlib
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 DATA_ENV_VAR = "PREFIXTUNE_DATA"
 
@@ -49,13 +50,67 @@ class SourceGroup:
 
 
 Loader = Callable[[str, str | os.PathLike | None, str | None], list[SourceGroup]]
+Scorer = Callable[[Sequence[str], Sequence[SourceGroup]], dict]
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    """A task's training recipe (for the benchmarks, the hyperparameters Li & Liang 2021 report): what
+    ``train`` uses for each option that a TrainConfig leaves as None."""
+
+    lr: float
+    """Peak AdamW learning rate."""
+    epochs: int
+    """Passes over the training set."""
+    batch_size: int
+    """Pairs per optimizer step."""
+    prefix_length: int
+    """Prefix length L."""
+
+
+def low_data_recipe(defaults: TrainDefaults) -> TrainDefaults:
+    """The paper's low-data setting (E2E, 50-500 pairs): lr 5e-5 and batch 10; epochs and L stay the task's."""
+    return replace(defaults, lr=5e-5, batch_size=10)
+
+
+@dataclass(frozen=True)
+class MetricSet:
+    """How a task is scored and shown."""
+
+    score: Scorer
+    """``score(predictions, groups)``: the official scores of one prediction per group, in order."""
+    table_keys: tuple[str, ...]
+    """The scores a table shows, in this order."""
+    table_rows: tuple[str, ...] = ()
+    """For nested scores (WebNLG's seen/unseen/all): the sub-dicts shown as one row each; empty: one row."""
+
+    def format_table(self, scores: dict) -> str:
+        """A plain-text table: a header of ``table_keys``, then one row (or one per ``table_rows``)."""
+        keys = "".join(f"{key:>10}" for key in self.table_keys)
+        if not self.table_rows:
+            return keys + "\n" + "".join(_cell(scores.get(key)) for key in self.table_keys)
+        lines = [f"{'split':8}" + keys]
+        for row in self.table_rows:
+            lines.append(f"{row:8}" + "".join(_cell(scores[row].get(key)) for key in self.table_keys))
+        return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    """One right-aligned table cell; ``n/a`` where a metric could not run (METEOR without Java)."""
+    return f"{'n/a':>10}" if value is None else f"{value:>10.4f}" if abs(value) < 10 else f"{value:>10.2f}"
+
+
+def reference_lists(groups: Sequence[SourceGroup]) -> list[list[str]]:
+    """The references of each group, the form every metric in ``prefixtune.metrics`` takes."""
+    return [list(group.references) for group in groups]
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Registry entry of a task: what it is, which splits it has and the function that reads them.
+    """Registry entry of a task: everything the package knows about it, in one place.
 
-    ``loader(split, data_dir, path)`` is only ever called with a split from ``splits``.
+    ``loader(split, data_dir, path)`` is only ever called with a split from ``splits``. ``description``
+    is the task's one-line help, shown by the CLI's ``--task``.
     """
 
     name: str
@@ -65,6 +120,20 @@ class TaskSpec:
     default_split_for_training: str
     note: str
     loader: Loader = field(repr=False, compare=False)
+    defaults: TrainDefaults
+    """The training recipe for the full training set."""
+    metrics: MetricSet = field(repr=False, compare=False)
+    """How outputs for this task are scored and tabled."""
+
+    def __post_init__(self) -> None:
+        if "\n" in self.description:
+            raise ValueError(f"task {self.name!r}: description must be one line (it is the CLI help), "
+                             f"got {self.description!r}")
+
+    def train_defaults(self, low_data: bool) -> TrainDefaults:
+        """The recipe for a run on the full training set, or (``low_data``: TrainConfig.train_size set) on
+        a drawn subset, where the paper's low-data setting replaces lr and batch size."""
+        return low_data_recipe(self.defaults) if low_data else self.defaults
 
 
 class DataNotFoundError(FileNotFoundError):

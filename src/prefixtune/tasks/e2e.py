@@ -11,7 +11,16 @@ import csv
 import os
 import pathlib
 
-from .base import SourceGroup, TaskSpec, existing_file, find_data_path, group_pairs
+from .base import (
+    MetricSet,
+    SourceGroup,
+    TaskSpec,
+    TrainDefaults,
+    existing_file,
+    find_data_path,
+    group_pairs,
+    reference_lists,
+)
 
 E2E_FILES = {"train": "e2e/devset.csv", "test": "e2e/testset_w_refs.csv"}
 
@@ -75,6 +84,13 @@ def load_e2e(split: str, data_dir: str | os.PathLike | None, path: str | None) -
     return read_e2e_csv(file)
 
 
+def score_e2e(predictions: list[str], groups: list[SourceGroup]) -> dict:
+    """BLEU, NIST, METEOR, ROUGE-L and CIDEr as the official e2e-metrics script computes them."""
+    from .. import metrics  # imported when scoring: loading data never needs the scorers' packages
+
+    return metrics.e2e_scores(predictions, reference_lists(groups))
+
+
 SPEC = TaskSpec(
     name="e2e",
     splits=("train", "test"),
@@ -83,4 +99,6 @@ SPEC = TaskSpec(
     default_split_for_training="train",
     note=E2E_NOTE,
     loader=load_e2e,
+    defaults=TrainDefaults(lr=8e-5, epochs=5, batch_size=10, prefix_length=5),
+    metrics=MetricSet(score_e2e, table_keys=("bleu", "nist", "meteor", "rouge_l", "cider")),
 )

@@ -14,7 +14,8 @@ import os
 import pathlib
 from collections.abc import Iterator
 
-from .base import SourceGroup, TaskSpec, existing_file, group_pairs
+from .base import MetricSet, SourceGroup, TaskSpec, TrainDefaults, existing_file, group_pairs, reference_lists
+from .dart import score_dart
 
 USER_SPLITS = ("train", "dev", "test")
 
@@ -79,6 +80,13 @@ def _loader(task: str, input_key: str, output_key: str):
     return load
 
 
+def score_rouge(predictions: list[str], groups: list[SourceGroup]) -> dict:
+    """ROUGE-1/2/L F-measure (rouge-score, stemming), each prediction against its best reference."""
+    from .. import metrics  # imported when scoring: loading data never needs the scorers' packages
+
+    return metrics.rouge_scores(predictions, reference_lists(groups))
+
+
 JSONL_SPEC = TaskSpec(
     name="jsonl",
     splits=USER_SPLITS,
@@ -87,6 +95,9 @@ JSONL_SPEC = TaskSpec(
     default_split_for_training="train",
     note="needs path= to your file; the split name only labels it",
     loader=_loader("jsonl", "input", "output"),
+    # The table-to-text recipe at the paper's usual L; BLEU/METEOR/TER as for DART, the open-domain set.
+    defaults=TrainDefaults(lr=5e-5, epochs=5, batch_size=10, prefix_length=10),
+    metrics=MetricSet(score_dart, table_keys=("bleu", "meteor", "ter")),
 )
 
 SUMMARIZATION_SPEC = TaskSpec(
@@ -97,4 +108,6 @@ SUMMARIZATION_SPEC = TaskSpec(
     default_split_for_training="train",
     note="needs path= to your file; the split name only labels it",
     loader=_loader("summarization", "document", "summary"),
+    defaults=TrainDefaults(lr=5e-5, epochs=30, batch_size=14, prefix_length=100),  # the paper's XSUM recipe
+    metrics=MetricSet(score_rouge, table_keys=("rouge1", "rouge2", "rougeL")),
 )

@@ -18,7 +18,7 @@ import pathlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from .base import SourceGroup, TaskSpec, existing_file, find_data_path
+from .base import MetricSet, SourceGroup, TaskSpec, TrainDefaults, existing_file, find_data_path, reference_lists
 
 WEBNLG_SPLIT_PATHS = {
     "train": "webnlg2017/train",
@@ -147,6 +147,15 @@ def load_webnlg(split: str, data_dir: str | os.PathLike | None, path: str | None
     return groups
 
 
+def score_webnlg(predictions: list[str], groups: list[SourceGroup]) -> dict:
+    """The challenge's BLEU, METEOR and TER on the seen, unseen and all entries (``meta["seen"]``; groups
+    without it, such as a references file's, count as unseen)."""
+    from .. import metrics  # imported when scoring: loading data never needs the scorers' packages
+
+    seen = [bool(group.meta.get("seen")) for group in groups]
+    return metrics.webnlg_scores(predictions, reference_lists(groups), seen)
+
+
 SPEC = TaskSpec(
     name="webnlg",
     splits=("train", "dev", "test", "test_seen", "test_unseen"),
@@ -158,4 +167,6 @@ SPEC = TaskSpec(
         "categories; train/dev references are the lexicalisations marked 'good' only"
     ),
     loader=load_webnlg,
+    defaults=TrainDefaults(lr=5e-5, epochs=5, batch_size=5, prefix_length=5),
+    metrics=MetricSet(score_webnlg, table_keys=("bleu", "meteor", "ter"), table_rows=("seen", "unseen", "all")),
 )
