@@ -9,7 +9,7 @@ The server (serve/) hands the engine requests with callbacks; the engine knows n
 
 from .api import check_ids, decoding_kwargs, encode_sources, generate_ids, generate_texts, newline_token_ids
 from .engine import Engine
-from .request import Request, supported
+from .request import Request, left_pad, supported
 
-__all__ = ["Engine", "Request", "supported", "check_ids", "decoding_kwargs", "encode_sources", "generate_ids",
+__all__ = ["Engine", "Request", "left_pad", "supported", "check_ids", "decoding_kwargs", "encode_sources", "generate_ids",
            "generate_texts", "newline_token_ids"]

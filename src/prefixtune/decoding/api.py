@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from .. import _compat, inject, precision
 from ..config import GenerateConfig, TextFormat
 from ..prefix import PrefixKV, row_offsets, stack
+from .beam import beam_fill
 from .engine import Engine
 from .request import Request, supported
 
@@ -58,12 +59,10 @@ def _engine_generate(base, prefixes, input_ids, attention_mask, seeds, kwargs) -
     engine.add(requests)
     engine.run()
     config = engine.setup(kwargs, 0)[0]
-    beams = int(config.num_beams or 1) > 1
-    pad = config._pad_token_tensor
-    if beams:  # transformers fills unused positions of beam outputs with pad (or eos[0] when pad is 0/unset)
-        eos = config._eos_token_tensor
-        fill = -1 if eos is None else int(pad if pad is not None and int(pad) != 0 else eos.reshape(-1)[0])
-    else:
+    if int(config.num_beams or 1) > 1:
+        fill = beam_fill(config)
+    else:  # greedy/sampling: transformers pads finished rows with pad_token_id
+        pad = config._pad_token_tensor
         fill = int(pad) if pad is not None else int(next(iter(engine.eos_ids(config)), 0))
     outputs = [(i, seq) for i, r in enumerate(requests) for seq in r.outputs]
     width = max(len(seq) for _, seq in outputs)

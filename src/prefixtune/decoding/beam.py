@@ -16,6 +16,13 @@ from .. import _compat
 from .request import Request
 
 
+def beam_fill(config) -> int:
+    """transformers' fill for unused positions of beam outputs: pad (or eos[0] when pad is 0 or unset),
+    -1 when no end-of-text token is set."""
+    pad, eos = config._pad_token_tensor, config._eos_token_tensor
+    return -1 if eos is None else int(pad if pad is not None and int(pad) != 0 else eos.reshape(-1)[0])
+
+
 class BeamState:
     """Per-source beam state, (B, ...) tensors as in transformers' `_beam_search`."""
 
@@ -49,11 +56,7 @@ class BeamGroup:
         self.t = self.cur = int(prompts.shape[1])
         self.config, self.processors, self.stopping = engine.setup(requests[0].kwargs, self.t)
         self.n = int(self.config.num_beams)
-        pad, eos = self.config._pad_token_tensor, self.config._eos_token_tensor
-        # transformers' fill for unused positions: (pad, or eos[0] when pad is 0 or unset) if eos is set
-        fill = -1 if eos is None else int(pad if pad is not None and int(pad) != 0 else eos.reshape(-1)[0])
-        self.fill = fill
-        self.state = BeamState(prompts, self.n, self.config.max_length, fill)
+        self.state = BeamState(prompts, self.n, self.config.max_length, beam_fill(self.config))
 
     @property
     def lanes(self) -> int:

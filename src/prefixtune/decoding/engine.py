@@ -26,7 +26,7 @@ from .. import _compat, inject
 from ..prefix import row_offsets, stack
 from .beam import BeamGroup
 from .cache import merge, prefixed_cache, trim_left
-from .request import Request
+from .request import Request, left_pad
 from .step import StepGroup
 
 #: Columns that are padding in every lane are cut once there are at least this many (a full cache copy).
@@ -98,12 +98,7 @@ class Engine:
             self._join(members, members[0].num_beams, lambda prompts, m=members: BeamGroup(self, m, prompts))
 
     def _join(self, requests: list[Request], copies: int, make_group) -> None:
-        width = max(len(r.prompt) for r in requests)
-        ids = torch.zeros(len(requests), width, dtype=torch.long)
-        mask = torch.zeros(len(requests), width, dtype=torch.long)
-        for i, r in enumerate(requests):  # left padding, as decoder-only generation needs
-            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt, dtype=torch.long)
-            mask[i, width - len(r.prompt):] = 1
+        ids, mask = left_pad([r.prompt for r in requests], 0)  # pad columns are masked: any id will do
         ids, mask = ids.to(self.device), mask.to(self.device)
         state = self._prefill(requests, ids, mask)
         if copies > 1:  # each source's lanes are consecutive copies (beam search reorders within them)

@@ -7,7 +7,7 @@ requests and reads results through callbacks or the request's fields.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -29,6 +29,17 @@ def supported(kwargs: dict) -> bool:
     if beams > 1:
         return not kwargs.get("do_sample") and returned <= beams
     return returned == 1
+
+
+def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token lists, left-padded as decoder-only generation needs."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
 
 
 def options_key(kwargs: dict) -> tuple:

@@ -20,7 +20,12 @@ class StepGroup:
     def __init__(self, engine, requests: list[Request]):
         self.engine = engine
         self.requests = list(requests)
+        # (GenerationConfig, processors, end-of-text ids) per options: built once, looked up every step
+        self.options = {}
         for r in self.requests:
+            if r.key not in self.options:
+                config, processors, _ = engine.setup(r.kwargs, 0)
+                self.options[r.key] = (config, processors, engine.eos_ids(config))
             if r.kwargs.get("do_sample"):
                 seed = r.seed if r.seed is not None else int(torch.randint(0, 2**62, (1,)))
                 r.generator = torch.Generator(engine.device).manual_seed(seed)
@@ -45,7 +50,7 @@ class StepGroup:
             groups.setdefault((r.key, len(r.tokens)), []).append(i)
         for rows in groups.values():
             first = self.requests[rows[0]]
-            _config, processors, _ = self.engine.setup(first.kwargs, 0)
+            processors = self.options[first.key][1]
             device = logits.device
             seen = torch.tensor([self.requests[i].tokens for i in rows], dtype=torch.long, device=device)
             seen = seen.reshape(len(rows), len(first.tokens))
@@ -62,8 +67,8 @@ class StepGroup:
             r.tokens.append(token)
             if r.on_token is not None:
                 r.on_token(r, token)
-            config = self.engine.setup(r.kwargs, 0)[0]
-            ended = token in self.engine.eos_ids(config) or len(r.tokens) >= config.max_new_tokens
+            config, _, eos = self.options[r.key]
+            ended = token in eos or len(r.tokens) >= config.max_new_tokens
             keep.append(not ended)
             if ended:
                 r.outputs = [list(r.tokens)]

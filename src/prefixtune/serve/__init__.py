@@ -11,20 +11,16 @@ from __future__ import annotations
 
 from .settings import TASK_NAME, ServeSettings, add_cli_arguments, settings_from_args
 
-_APP_NAMES = ("create_app", "cli_main", "load_task", "load_prefix_dir", "task_dir")
+_LAZY = {"create_app": "app", "cli_main": "app", "load_task": "store", "load_prefix_dir": "store", "task_dir": "store"}
+"""Names whose modules import the web framework ([serve] extra): loaded on first use."""
 
 
 def __getattr__(name: str):
-    """The app and the store import the web framework ([serve] extra); loaded on first use."""
-    if name in ("create_app", "cli_main"):
-        from . import app
+    if name in _LAZY:
+        import importlib
 
-        return getattr(app, name)
-    if name in ("load_task", "load_prefix_dir", "task_dir"):
-        from . import store
-
-        return getattr(store, name)
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["TASK_NAME", "ServeSettings", "add_cli_arguments", "settings_from_args", *_APP_NAMES]
+__all__ = ["TASK_NAME", "ServeSettings", "add_cli_arguments", "settings_from_args", *_LAZY]

@@ -55,17 +55,6 @@ def options_key(config: GenerateConfig) -> tuple:
     return dataclasses.astuple(dataclasses.replace(config, batch_size=1, seed=None))
 
 
-def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) of token lists, left-padded as decoder-only generation needs."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids, mask
-
-
 class Outbox:
     """Turns a row's tokens into events: text deltas while streaming, then the final text and counts.
 

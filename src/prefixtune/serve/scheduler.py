@@ -19,10 +19,10 @@ import torch
 
 from .. import _compat
 from ..config import GenerateConfig
-from ..decoding import Engine, Request, decoding_kwargs, generate_ids
+from ..decoding import Engine, Request, decoding_kwargs, generate_ids, left_pad
 from ..multi import MultiPrefixModel
 from .metrics import Metrics
-from .rows import Outbox, QueueFull, Row, left_pad, options_key
+from .rows import Outbox, QueueFull, Row, options_key
 
 logger = logging.getLogger("prefixtune.serve")
 
