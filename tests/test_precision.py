@@ -1,4 +1,4 @@
-"""precision.bf16_wanted: auto follows what bf16 measures on this machine, decided once per machine."""
+"""precision: `--bf16 auto` times the real workload in both precisions and keeps only clear, recent answers."""
 
 from __future__ import annotations
 
@@ -11,98 +11,128 @@ import torch
 from prefixtune import precision
 
 CPU = torch.device("cpu")
-MEASURE = precision._measure  # the real probe (the `machine` fixture stands a scripted one in for it)
 
 
 @pytest.fixture
 def machine(monkeypatch, tmp_path):
-    """A CPU whose bf16 units and measured speed-up the test sets; a fresh cache folder; counts probes."""
+    """A CPU with bf16 units (settable), a fresh cache folder, an empty per-process memo and a fake clock:
+    `work(costs)` is a workload whose step advances the clock by the next scripted cost of the precision it
+    runs in ({False: fp32 costs, True: bf16 costs}; the first cost of each is the untimed warm-up)."""
     monkeypatch.setenv("PREFIXTUNE_CACHE", str(tmp_path))
-    precision.cpu_bf16_speedup.cache_clear()
-    state = {"units": True, "speedup": 2.0, "probes": 0}
-
-    def measure():
-        state["probes"] += 1
-        return state["speedup"]
-
+    monkeypatch.setattr(precision, "_DECIDED", {})
+    state = {"units": True, "now": 0.0, "wall": 1e9, "ran": []}
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: state["units"])
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    monkeypatch.setattr(precision, "_measure", measure)
-    yield state
-    precision.cpu_bf16_speedup.cache_clear()
+    monkeypatch.setattr(precision, "time", types.SimpleNamespace(perf_counter=lambda: state["now"],
+                                                                 time=lambda: state["wall"]))
+
+    def work(costs: dict[bool, list[float]], key: str = "train tiny") -> precision.Workload:
+        def step() -> None:
+            bf16 = torch.is_autocast_enabled("cpu")
+            state["ran"].append(bf16)
+            state["now"] += costs[bf16].pop(0)
+
+        return precision.Workload(key, step)
+
+    state["work"] = work
+    return state
+
+
+def steady(fp32: float, bf16: float, n: int = 17) -> dict[bool, list[float]]:
+    return {False: [fp32] * n, True: [bf16] * n}
+
+
+def new_process(monkeypatch) -> None:
+    monkeypatch.setattr(precision, "_DECIDED", {})
 
 
 def test_on_and_off_are_taken_as_given(machine):
     machine["units"] = False
     assert precision.bf16_wanted("on", CPU) and not precision.bf16_wanted("off", CPU)
-    assert machine["probes"] == 0
+    assert machine["ran"] == []
 
 
 def test_no_bf16_units_means_fp32_without_measuring(machine):
     # oneDNN calls bf16 "supported" on any AVX-512 CPU and then emulates it, much slower than fp32.
     machine["units"] = False
-    assert precision.bf16_wanted("auto", CPU) is False
-    assert machine["probes"] == 0 and precision.describe_cpu() == "no bf16 units"
+    assert precision.bf16_wanted("auto", CPU, machine["work"](steady(2.0, 1.0))) is False
+    assert machine["ran"] == [] and precision.describe_cpu() == "no bf16 units"
 
 
-@pytest.mark.parametrize("speedup, wanted", [(2.0, True), (1.2, True), (1.1, False), (0.6, False)])
-def test_with_bf16_units_auto_follows_the_measured_speedup(machine, speedup, wanted):
-    # e.g. 0.6: an Intel Xeon with avx512_bf16 but no AMX, where bf16 autocast was slower than fp32
-    machine["speedup"] = speedup
-    assert precision.bf16_wanted("auto", CPU) is wanted
-    assert ("bf16 autocast used" in precision.describe_cpu()) is wanted
+@pytest.mark.parametrize("fp32, bf16, wanted", [(2.0, 1.0, True), (1.2, 1.0, True), (1.05, 1.0, False),
+                                                (1.0, 1.6, False)])
+def test_auto_follows_the_workload_s_measured_speedup_with_a_margin(machine, fp32, bf16, wanted):
+    assert precision.bf16_wanted("auto", CPU, machine["work"](steady(fp32, bf16))) is wanted
 
 
-def test_the_answer_is_kept_per_machine_so_every_process_agrees(machine, tmp_path):
-    machine["speedup"] = 0.6
-    assert precision.bf16_wanted("auto", CPU) is False
-    precision.cpu_bf16_speedup.cache_clear()  # as a new process would start
-    machine["speedup"] = 3.0  # a noisier measurement must not flip a resumed run's precision
-    assert precision.bf16_wanted("auto", CPU) is False
-    assert machine["probes"] == 1
+def test_precisions_alternate_after_one_untimed_warm_up_each(machine):
+    # warm-ups cost 100 and must not count; round 1 fp32 first, round 2 bf16 first, ...
+    costs = {False: [100, 3, 3, 3, 3], True: [100, 1, 1, 1, 1]}
+    found = precision.measure(machine["work"](costs), rounds=4)
+    assert found.ratios == (3.0, 3.0, 3.0, 3.0) and found.speedup == 3.0 and found.clear
+    assert machine["ran"] == [False, True, False, True, True, False, False, True, True, False]
+
+
+def test_the_median_decides_not_one_lucky_round(machine):
+    # a busy neighbour slowed every fourth fp32 round: the mean ratio would say 1.75 (bf16), the median 1.0
+    costs = {False: [1] + [4, 1, 1, 1] * 4, True: [1] * 17}
+    found = precision.measure(machine["work"](costs), rounds=4)
+    assert found.speedup == 1.0 and not found.bf16 and not found.clear
+
+
+def test_a_clear_answer_is_kept_so_later_processes_agree_without_measuring(machine, monkeypatch, tmp_path):
+    assert precision.bf16_wanted("auto", CPU, machine["work"](steady(2.0, 1.0))) is True
+    new_process(monkeypatch)
+    machine["ran"].clear()
+    assert precision.bf16_wanted("auto", CPU, machine["work"](steady(1.0, 2.0))) is True  # not measured again
+    assert machine["ran"] == []
     saved = json.loads((tmp_path / "bf16-auto.json").read_text())
-    assert list(saved.values()) == [0.6] and precision.cpu_name() in next(iter(saved))
+    assert saved[precision.machine_key()]["train tiny"]["speedup"] == 2.0
 
 
-def test_a_damaged_cache_file_is_measured_again_and_rewritten(machine, tmp_path):
+def test_a_noisy_answer_decides_this_process_only_and_is_measured_again(machine, monkeypatch, tmp_path):
+    # ratios straddle the margin: measured twice as long, then decided on the median, and not kept
+    noisy = {False: [1] + [1.5, 0.9] * 8, True: [1] * 17}
+    found = precision.measure(machine["work"](noisy))
+    assert len(found.ratios) == 2 * precision.ROUNDS and not found.clear
+    noisy = {False: [1] + [1.5, 0.9] * 8, True: [1] * 17}
+    precision.bf16_wanted("auto", CPU, machine["work"](noisy))
+    assert not (tmp_path / "bf16-auto.json").exists()
+    new_process(monkeypatch)
+    machine["ran"].clear()
+    assert precision.bf16_wanted("auto", CPU, machine["work"](steady(2.0, 1.0))) is True
+    assert machine["ran"]  # measured again, and this clear answer is kept
+    assert json.loads((tmp_path / "bf16-auto.json").read_text())[precision.machine_key()]["train tiny"]["speedup"] == 2.0
+
+
+def test_unsteady_timings_of_one_precision_are_not_kept_even_if_the_ratios_agree(machine):
+    costs = {False: [1, 3, 6, 3, 6, 3, 6, 3, 6] * 2, True: [1] + [1] * 16}
+    assert not precision.measure(machine["work"](costs)).clear
+
+
+def test_an_old_answer_is_measured_again(machine, monkeypatch):
+    precision.bf16_wanted("auto", CPU, machine["work"](steady(2.0, 1.0)))
+    new_process(monkeypatch)
+    machine["wall"] += precision.MAX_AGE_S + 1
+    assert precision.bf16_wanted("auto", CPU, machine["work"](steady(1.0, 2.0))) is False
+
+
+def test_answers_are_per_workload_and_per_machine(machine, monkeypatch):
+    assert precision.bf16_wanted("auto", CPU, machine["work"](steady(2.0, 1.0), key="train a")) is True
+    assert precision.bf16_wanted("auto", CPU, machine["work"](steady(1.0, 2.0), key="decode b")) is False
+    new_process(monkeypatch)
+    monkeypatch.setattr(torch, "__version__", "9.9.9")  # another torch: another machine key
+    assert precision.bf16_wanted("auto", CPU, machine["work"](steady(1.0, 2.0), key="train a")) is False
+
+
+def test_a_damaged_or_old_format_cache_file_is_measured_again_and_rewritten(machine, tmp_path):
+    (tmp_path / "bf16-auto.json").write_text(json.dumps({precision.machine_key(): 0.41}))  # the old format
+    assert precision.bf16_wanted("auto", CPU, machine["work"](steady(2.0, 1.0))) is True
     (tmp_path / "bf16-auto.json").write_text("{not json")
-    assert precision.bf16_wanted("auto", CPU) is True
-    assert machine["probes"] == 1
-    assert list(json.loads((tmp_path / "bf16-auto.json").read_text()).values()) == [2.0]
+    precision._DECIDED.clear()
+    assert precision.bf16_wanted("auto", CPU, machine["work"](steady(2.0, 1.0))) is True
+    assert json.loads((tmp_path / "bf16-auto.json").read_text())[precision.machine_key()]["train tiny"]
     assert not list(tmp_path.glob("*.tmp"))
-
-
-@pytest.fixture
-def fake_timing(monkeypatch):
-    """The probe's clock advances only when its layer runs (which then computes nothing), by the next scripted
-    cost for the precision the layer runs in; the first call of each precision is the untimed warm-up."""
-    clock = {"now": 0.0, "costs": {}, "ran": []}
-
-    def forward(layer, x):
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        clock["ran"].append(dtype)
-        clock["now"] += clock["costs"][dtype].pop(0)
-        return x
-
-    monkeypatch.setattr(torch.nn.Linear, "forward", forward)
-    monkeypatch.setattr(precision, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
-    return clock
-
-
-def test_the_probe_is_fp32_time_over_bf16_time_best_of_the_repeats(fake_timing):
-    # repeats of 2 calls: fp32 takes 10, 4, 6 (best 4), bf16 2, 6, 4 (best 2); the warm-ups (100) are not timed
-    fake_timing["costs"] = {torch.float32: [100, 5, 5, 2, 2, 3, 3], torch.bfloat16: [100, 1, 1, 3, 3, 2, 2]}
-    assert precision._measure(repeats=3, calls=2) == 2.0  # a mean would give 1.67, a timed warm-up 1.0
-    assert fake_timing["ran"] == [torch.float32] * 7 + [torch.bfloat16] * 7
-    assert all(not costs for costs in fake_timing["costs"].values())
-
-
-@pytest.mark.parametrize("fp32, bf16, wanted", [(1.2, 1.0, True), (1.1, 1.0, False), (1.0, 2.0, False)])
-def test_auto_decides_on_the_probe_s_measurement(machine, monkeypatch, fake_timing, fp32, bf16, wanted):
-    monkeypatch.setattr(precision, "_measure", MEASURE)
-    fake_timing["costs"] = {torch.float32: [0.0] + [fp32] * 100, torch.bfloat16: [0.0] + [bf16] * 100}
-    assert precision.bf16_wanted("auto", CPU) is wanted
-    assert precision.cpu_bf16_speedup() == round(fp32 / bf16, 3)
 
 
 def test_a_cache_folder_that_cannot_be_written_warns_and_still_decides(machine, tmp_path, monkeypatch):
@@ -110,4 +140,11 @@ def test_a_cache_folder_that_cannot_be_written_warns_and_still_decides(machine, 
     blocked.write_text("")
     monkeypatch.setenv("PREFIXTUNE_CACHE", str(blocked))
     with pytest.warns(UserWarning, match="could not keep the bf16 speed probe"):
-        assert precision.bf16_wanted("auto", CPU) is True
+        assert precision.bf16_wanted("auto", CPU, machine["work"](steady(2.0, 1.0))) is True
+
+
+def test_the_default_workload_is_a_real_matmul_of_the_default_model_shape():
+    work = precision.matmul_workload(rows=4, d_in=8, d_out=16)
+    work.step()  # runs, changes nothing
+    assert work.key == "matmul 4x8x16"
+    assert [precision.shape_bucket(n) for n in (1, 5, 8, 9, 160)] == [1, 8, 8, 16, 256]

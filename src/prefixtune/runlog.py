@@ -63,7 +63,7 @@ class RunLog:
         weights = self.dir / WEIGHTS_NAME
         summary = {"steps": counters["step"], "best_dev_loss": counters["best_dev"],
                    "train_seconds": round(counters["elapsed"], 1), "data": note,
-                   "prefix_parameters": ptm.num_prefix_parameters(),
+                   "bf16": counters.get("bf16"), "prefix_parameters": ptm.num_prefix_parameters(),
                    "prefix_bytes": weights.stat().st_size if weights.is_file() else None}
         if self.main:
             (self.dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

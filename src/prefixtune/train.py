@@ -90,9 +90,37 @@ class TargetLoss(nn.Module):
         return summed_loss(logits[None], labels[:, 1:][keep][None], shift=False)
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    wanted = precision.bf16_wanted(cfg.bf16, device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=wanted), wanted
+def _autocast(cfg: TrainConfig, acc, counters: dict, workload: precision.Workload):
+    """bf16 autocast or not: with "auto", a resumed run's recorded choice (re-measuring must not change a run
+    half-way), else the measured one (`workload` is the run's own training step, see precision.py); every
+    process takes the main process's answer. "on"/"off" are taken as given."""
+    from accelerate.utils import broadcast_object_list
+
+    wanted = counters.get("bf16") if cfg.bf16 == "auto" else cfg.bf16 == "on"
+    if wanted is None:
+        wanted = precision.bf16_wanted(cfg.bf16, acc.device, workload) if acc.is_main_process else None
+        if acc.num_processes > 1:
+            wanted = broadcast_object_list([wanted])[0]
+    counters["bf16"] = bool(wanted)
+    return torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=wanted), wanted
+
+
+def _train_workload(rows: list[Encoded], cfg: TrainConfig, device, pad_id: int, ptm) -> precision.Workload:
+    """One real training step (forward and backward of the first batch of epoch 0, on this process's model
+    without DDP, so timing it needs no other process), gradients dropped after: what `--bf16 auto` times."""
+    loss_fn, enc_dec = TargetLoss(ptm), _compat.is_encoder_decoder(ptm.base)
+    order = batch_order([row_length(r) for r in rows], cfg.batch_size, cfg.seed, 0, cfg.group_by_length)
+    batch = [rows[i] for i in order[: cfg.batch_size]]
+    tensors = {k: v.to(device) for k, v in collate(batch, pad_id, enc_dec).items()}
+
+    def step() -> None:
+        loss_fn(**tensors).backward()
+        for p in ptm.parameters():
+            p.grad = None
+
+    tokens = precision.shape_bucket(max(row_length(r) for r in batch))
+    key = f"train {precision.model_key(ptm.base)} L{cfg.prefix.prefix_length} {cfg.prefix.reparam} b{cfg.batch_size} t{tokens}"
+    return precision.Workload(key, step)
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -156,7 +184,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         counters = resume.load_state(out, ptm, optimizer)
     model = acc.prepare(TargetLoss(ptm))
-    autocast, bf16 = _autocast(cfg, acc.device)
+    workload = _train_workload(train_rows, cfg, acc.device, tokenizer.pad_token_id, ptm)
+    autocast, bf16 = _autocast(cfg, acc, counters, workload)
     log = RunLog(out, acc.is_main_process, counters["step"] if cfg.resume else None, cfg.progress)
     log.header(cfg, note, ptm, bf16, total)
     loop = _Loop(cfg, acc, model, ptm, optimizer, counters, log, train_rows, dev_rows, tokenizer.pad_token_id,

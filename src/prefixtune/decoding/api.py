@@ -131,6 +131,19 @@ def encode_sources(tokenizer, base: PreTrainedModel, sources: Sequence[str], for
     return enc.input_ids.to(device), enc.attention_mask.to(device)
 
 
+def decode_workload(base: PreTrainedModel, lanes: int) -> precision.Workload:
+    """One decoding step's work as `--bf16 auto` times it: `lanes` rows of one token through the frozen model
+    and its full-vocabulary head (the weight-bound matmuls that dominate a step; no cache, no prefix)."""
+    ids = torch.ones((lanes, 1), dtype=torch.long, device=next(base.parameters()).device)
+    extra = {"decoder_input_ids": ids} if _compat.is_encoder_decoder(base) else {}
+
+    def step() -> None:
+        with torch.no_grad():
+            base(input_ids=ids, **extra)
+
+    return precision.Workload(f"decode {precision.model_key(base)} rows{precision.shape_bucket(lanes)}", step)
+
+
 def generate_texts(base: PreTrainedModel, tokenizer, prefixes: Sequence[PrefixKV | None], sources: Sequence[str],
                    formats: Sequence[TextFormat], config: GenerateConfig | None = None,
                    progress: Callable[[int], None] | None = None) -> list[str]:
@@ -152,7 +165,8 @@ def generate_texts(base: PreTrainedModel, tokenizer, prefixes: Sequence[PrefixKV
         torch.manual_seed(config.seed)
     lengths = [len(tokenizer(s).input_ids) for s in sources]
     order = sorted(range(len(sources)), key=lambda i: lengths[i])
-    bf16 = precision.bf16_wanted(config.bf16, next(base.parameters()).device)
+    lanes = min(len(sources), config.batch_size) * config.num_beams
+    bf16 = precision.bf16_wanted(config.bf16, next(base.parameters()).device, decode_workload(base, lanes))
     out: list[str] = [""] * len(sources)
     for start in range(0, len(order), config.batch_size):
         rows = order[start : start + config.batch_size]
