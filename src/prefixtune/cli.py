@@ -144,8 +144,8 @@ def cmd_evaluate(args) -> int:
     print(prefix_summary(args.prefix), file=sys.stderr)
     report = evaluate(multi, args.task, args.task, args.split, args.output, _config_from(args, GenerateConfig),
                       args.data_dir, args.file, args.limit)
-    print(f"{args.task}/{args.split}: {report['sources']} sources, generation {report['generation_seconds']} s, "
-          f"predictions and scores.json in {args.output}")
+    print(f"{args.task}/{args.split}: {report['sources']} sources, generation {report['generation_seconds']} s "
+          f"({'bf16 autocast' if report['decoding']['bf16_used'] else 'fp32'}), predictions and scores.json in {args.output}")
     print(format_table(args.task, report["scores"]))
     return 0
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import precision
+from .decoding.api import decode_bf16
 from .checkpoint import read_meta
 from .config import GenerateConfig
 from .multi import MultiPrefixModel
@@ -46,7 +46,7 @@ def evaluate(multi: MultiPrefixModel, task_name: str, task: str, split: str, out
     gen_seconds = time.time() - start
     (out / "predictions.txt").write_text("".join(p.replace("\n", " ") + "\n" for p in predictions))
     scores = score(task, predictions, groups)
-    decoding = {**vars(config), "bf16_used": precision.bf16_wanted(config.bf16, multi.base.device)}
+    decoding = {**vars(config), "bf16_used": decode_bf16(multi.base, config, len(groups))}
     report = {"task": task, "split": split, "sources": len(groups), "limited": limit is not None,
               "generation_seconds": round(gen_seconds, 1), "decoding": decoding, "scores": scores}
     (out / "scores.json").write_text(json.dumps(report, indent=2) + "\n")

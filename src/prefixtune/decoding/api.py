@@ -144,6 +144,12 @@ def decode_workload(base: PreTrainedModel, lanes: int) -> precision.Workload:
     return precision.Workload(f"decode {precision.model_key(base)} rows{precision.shape_bucket(lanes)}", step)
 
 
+def decode_bf16(base: PreTrainedModel, config: GenerateConfig, sources: int) -> bool:
+    """Whether decoding `sources` sources with `config` runs under bf16 autocast (auto: timed on its step)."""
+    lanes = min(sources, config.batch_size) * config.num_beams
+    return precision.bf16_wanted(config.bf16, next(base.parameters()).device, decode_workload(base, lanes))
+
+
 def generate_texts(base: PreTrainedModel, tokenizer, prefixes: Sequence[PrefixKV | None], sources: Sequence[str],
                    formats: Sequence[TextFormat], config: GenerateConfig | None = None,
                    progress: Callable[[int], None] | None = None) -> list[str]:
@@ -165,8 +171,7 @@ def generate_texts(base: PreTrainedModel, tokenizer, prefixes: Sequence[PrefixKV
         torch.manual_seed(config.seed)
     lengths = [len(tokenizer(s).input_ids) for s in sources]
     order = sorted(range(len(sources)), key=lambda i: lengths[i])
-    lanes = min(len(sources), config.batch_size) * config.num_beams
-    bf16 = precision.bf16_wanted(config.bf16, next(base.parameters()).device, decode_workload(base, lanes))
+    bf16 = decode_bf16(base, config, len(sources))
     out: list[str] = [""] * len(sources)
     for start in range(0, len(order), config.batch_size):
         rows = order[start : start + config.batch_size]
