@@ -71,3 +71,33 @@ def test_the_decode_workload_runs_lanes_rows_of_one_token():
     work = api.decode_workload(base, lanes=20)
     work.step()
     assert shapes == [(20, 1)] and work.key == "decode llama d48x2 rows32"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
+def test_frozen_linears_stored_in_bf16_give_autocast_s_exact_loss_and_gradients(family):
+    def loss_and_grads(store: bool):
+        torch.manual_seed(0)
+        ptm = PrefixTuningModel(tiny_model(family), PrefixConfig(prefix_length=3))
+        if store:
+            assert precision.store_frozen_linears(ptm.base) > 0
+            assert not any(p.dtype == torch.bfloat16 for p in ptm.parameters() if p.requires_grad)
+        ids = torch.randint(0, 250, (2, 7), generator=torch.Generator().manual_seed(1))
+        labels = ids.clone()
+        labels[:, :3] = -100
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = train.TargetLoss(ptm)(ids, torch.ones_like(ids), labels)
+        loss.backward()
+        return loss.detach(), [p.grad for p in ptm.parameters() if p.requires_grad]
+
+    (ref, ref_grads), (got, got_grads) = loss_and_grads(False), loss_and_grads(True)
+    assert torch.equal(ref, got)
+    assert all(torch.equal(a, b) for a, b in zip(ref_grads, got_grads))
+
+
+def test_storing_frozen_linears_leaves_trainable_layers_and_embeddings_in_fp32():
+    ptm = PrefixTuningModel(tiny_model("gpt2"), PrefixConfig(prefix_length=3))  # head tied to the embedding
+    assert ptm.base.lm_head.weight is ptm.base.get_input_embeddings().weight
+    precision.store_frozen_linears(ptm)
+    assert ptm.base.lm_head.weight.dtype == torch.bfloat16
+    assert ptm.base.get_input_embeddings().weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in ptm.parameters() if p.requires_grad)

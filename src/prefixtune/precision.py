@@ -235,3 +235,27 @@ def _write(path: Path, known: dict) -> None:
     except OSError as err:  # a read-only cache folder: decide for this process only, and say so
         warnings.warn(f"could not keep the bf16 speed probe in {path} ({err}); other processes will measure "
                       "again. Set PREFIXTUNE_CACHE to a writable folder.")
+
+
+def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Hold every frozen linear layer's weight and bias in `dtype`, once; returns how many layers changed.
+
+    Why: autocast caches its casts only for leaf tensors that require grad, so under bf16 autocast every
+    *frozen* fp32 weight is re-cast in every op of every step. Stored in bf16 they are used as they are.
+    The result is bit-identical to autocast over the fp32 weights (autocast rounds the same weights to the
+    same dtype; tested), but from then on the model must run under autocast to `dtype`. Embeddings and
+    norms stay fp32; a head tied to the embedding matrix gets its own copy (the embedding is not rounded).
+    Linear layers are `nn.Linear` and transformers' `Conv1D` (GPT-2), both of which autocast handles.
+    """
+    changed = 0
+    for module in model.modules():
+        if not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
+            continue
+        params = [name for name, p in module.named_parameters(recurse=False) if not p.requires_grad]
+        if not params or len(params) != len(list(module.parameters(recurse=False))):
+            continue  # a trainable layer (the prefix MLP) keeps its fp32 master weights
+        for name in params:
+            value = getattr(module, name).detach().to(dtype)
+            setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
+        changed += 1
+    return changed
