@@ -18,6 +18,7 @@ choice is used in every experiment.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -122,7 +123,9 @@ def machine() -> str:
     return describe()
 
 
+@functools.lru_cache(maxsize=None)
 def code_version() -> str:
+    """The commit (and whether src/ had uncommitted changes) when this process started running."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True, text=True)
     return head.strip() + ("+dirty" if dirty.stdout.strip() else "")
@@ -191,6 +194,7 @@ def cmd_run(args) -> int:
     if args.smoke:
         SMOKE["on"], RESULTS, WORK = True, Path("/tmp/reproduce-smoke/results"), Path("/tmp/reproduce-smoke/work")
     deadline = time.time() + args.budget_min * 60
+    code_version()  # taken now: the code this process imported, not what HEAD is when a run finishes
     while time.time() < deadline:
         todo = pending(args.only)
         if not todo:
