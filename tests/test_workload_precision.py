@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import types
 
 import pytest
 import torch
 
 from conftest import tiny_model
+from safetensors.torch import load_file
+
 from prefixtune import PrefixTuningModel, precision, train
+from prefixtune.cli import main
 from prefixtune.config import PrefixConfig, TrainConfig
 from prefixtune.data import Encoded
 from prefixtune.decoding import api
@@ -101,3 +105,16 @@ def test_storing_frozen_linears_leaves_trainable_layers_and_embeddings_in_fp32()
     assert ptm.base.lm_head.weight.dtype == torch.bfloat16
     assert ptm.base.get_input_embeddings().weight.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in ptm.parameters() if p.requires_grad)
+
+
+def test_bf16_training_stores_the_frozen_linears_and_trains(tiny_dir, tmp_path, monkeypatch):
+    stored = []
+    real = precision.store_frozen_linears
+    monkeypatch.setattr(precision, "store_frozen_linears", lambda model: stored.append(real(model)) or stored[-1])
+    out = tmp_path / "run"
+    assert main(["train", "--task", "e2e", "--model", tiny_dir, "--output", str(out), "--train-size", "24",
+                 "--batch-size", "8", "--prefix-length", "4", "--mlp-hidden", "32", "--lr", "0.01", "--epochs", "2",
+                 "--no-progress", "--bf16", "on"]) == 0
+    assert stored and stored[0] > 0  # the frozen base's linear layers, once
+    assert json.loads((out / "train_summary.json").read_text())["bf16"] is True
+    assert all(torch.isfinite(t).all() for t in load_file(out / "prefix.safetensors").values())

@@ -3,7 +3,7 @@
 Why it measures instead of reading CPU flags: the flags do not tell. Without AVX512_BF16 or AMX, oneDNN
 still calls bf16 "supported" on AVX-512 CPUs and emulates it, much slower than fp32, so such CPUs get
 fp32 without measuring. With AVX512_BF16 it can still lose: on some CPUs bf16 autocast is slower than
-fp32 for training or beam decoding, on others clearly faster (README, bench/results/precision_check.md).
+fp32 for training or beam decoding, on others clearly faster (README; bench/precision_check.py measures it).
 
 Why it times the real work: a small matmul's ratio is not a training step's (autocast also re-casts every
 frozen weight per op, and attention, softmax and the loss stay fp32). So the caller hands over a

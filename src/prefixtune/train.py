@@ -186,6 +186,8 @@ def train(cfg: TrainConfig) -> dict:
     model = acc.prepare(TargetLoss(ptm))
     workload = _train_workload(train_rows, cfg, acc.device, tokenizer.pad_token_id, ptm)
     autocast, bf16 = _autocast(cfg, acc, counters, workload)
+    if bf16:  # every forward from here on runs under this autocast
+        precision.store_frozen_linears(base)
     log = RunLog(out, acc.is_main_process, counters["step"] if cfg.resume else None, cfg.progress)
     log.header(cfg, note, ptm, bf16, total)
     loop = _Loop(cfg, acc, model, ptm, optimizer, counters, log, train_rows, dev_rows, tokenizer.pad_token_id,
