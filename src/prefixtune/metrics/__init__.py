@@ -11,11 +11,14 @@ METEOR (and the E2E PTB tokenizer) need a Java runtime: without one those values
 and a warning says so. Bad input raises :class:`MetricError`.
 """
 
+from ..extras import needs
 from ._common import MetricError
-from .e2e import e2e_scores
 from .io import read_predictions, read_references
-from .rouge import rouge_scores
-from .webnlg import dart_scores, webnlg_scores
+
+with needs("metrics"):  # importing any scorer without the [metrics] extra: one line naming it
+    from .e2e import e2e_scores
+    from .rouge import rouge_scores
+    from .webnlg import dart_scores, webnlg_scores
 
 __all__ = ["MetricError", "dart_scores", "e2e_scores", "read_predictions", "read_references",
            "rouge_scores", "webnlg_scores"]

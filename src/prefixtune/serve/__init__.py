@@ -2,9 +2,12 @@
 
 - settings.py: ServeSettings and the CLI flags (no web framework: `prefixtune --help` needs no [serve]);
 - app.py: the FastAPI app (auth/size gate, errors, task and ops routes) and `cli_main`;
-- routes.py: POST /v1/generate; schema.py: request/response bodies and the error shape;
+- routes.py: POST /v1/generate; schema.py: request/response bodies and the error shape; admission.py:
+  queueing a request's rows; served_route.py: the generate route with the task cache and per-row metrics;
+- openai_routes.py, openai_schema.py, openai_choices.py: /v1/models, /v1/completions, /v1/chat/completions;
 - scheduler.py: the queue and the worker that feeds the decoding engine (decoding/); rows.py: a request's
-  rows and their events; store.py: the prefix directory; metrics.py: Prometheus counters.
+  rows and their events; store.py: the prefix directory; taskcache.py: the resident tasks (--max-tasks);
+  metrics.py: Prometheus metrics (prometheus_client); requestlog.py: per-request counting and JSON log lines.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        from ..extras import needs
+
+        with needs("serve"):  # without the extra: one line naming it, not fastapi's ModuleNotFoundError
+            return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
