@@ -16,7 +16,7 @@ import typing
 
 from . import allocator
 from .config import GenerateConfig, TrainConfig
-from .models import DEFAULT_MODEL
+from .extras import MissingExtra, require
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -100,11 +100,11 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_multi(model: str, prefixes: dict[str, str]):
+def _load_multi(args, prefixes: dict[str, str]):
     from .models import load_base_model
     from .multi import MultiPrefixModel
 
-    base, tokenizer = load_base_model(model)
+    base, tokenizer = load_base_model(args.model, allow_pickle=args.allow_pickle)
     multi = MultiPrefixModel(base, tokenizer)
     for name, path in prefixes.items():
         multi.add(name, path)
@@ -127,7 +127,7 @@ def cmd_generate(args) -> int:
         if rec.get("task") is not None and rec["task"] not in prefixes:
             raise ValueError(f"line {n} asks for task {rec['task']!r}; --prefix gave {sorted(prefixes) or 'none'}")
         records.append(rec)
-    multi = _load_multi(args.model, prefixes)
+    multi = _load_multi(args, prefixes)
     outputs = multi.generate([r["input"] for r in records], [r.get("task") for r in records],
                              _config_from(args, GenerateConfig))
     dst = open(args.output, "w") if args.output else sys.stdout
@@ -140,7 +140,8 @@ def cmd_generate(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_table, prefix_summary
 
-    multi = _load_multi(args.model, {args.task: args.prefix})
+    require("metrics")  # before minutes of decoding, not at the scoring step after them
+    multi = _load_multi(args, {args.task: args.prefix})
     print(prefix_summary(args.prefix), file=sys.stderr)
     report = evaluate(multi, args.task, args.task, args.split, args.output, _config_from(args, GenerateConfig),
                       args.data_dir, args.file, args.limit)
@@ -177,6 +178,7 @@ def cmd_serve(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefixtune", description="Prefix-tuning for frozen language models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a prefix on a task", description=TrainConfig.__doc__)
@@ -184,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate for JSONL inputs, any mix of tasks per batch")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model (default: {DEFAULT_MODEL})")
+    _add_model_options(p)
     p.add_argument("--prefix", action="append", metavar="NAME=DIR", help="a task name and its prefix directory; repeatable")
     p.add_argument("--input", help='JSONL file of {"task": NAME, "input": TEXT} (default: stdin)')
     p.add_argument("--output", help="JSONL output, each input line plus 'output' (default: stdout)")
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("evaluate", help="generate for a split and print its official scores")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model (default: {DEFAULT_MODEL})")
+    _add_model_options(p)
     p.add_argument("--prefix", required=True, help="prefix directory (a training run's --output)")
     _add_data_options(p)
     p.add_argument("--limit", type=int, help="evaluate only the first N sources (a documented subset)")
@@ -215,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model and --allow-pickle, declared once as TrainConfig's fields (`train` gets them from there too)."""
+    _add_dataclass_options(p, TrainConfig, skip=[f.name for f in dataclasses.fields(TrainConfig)
+                                                 if f.name not in ("model", "allow_pickle")])
+
+
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     from .tasks import task_help  # the registry owns each task's name and help line
 
@@ -225,16 +233,49 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--file", help="data file for the jsonl/summarization tasks")
 
 
+def _join_negative_numbers(argv: list[str]) -> list[str]:
+    """`--lr -1e-3` -> `--lr=-1e-3`: argparse takes only plain negatives like -1 or -.5 for a value and reads
+    "-1e-3" or "-inf" as an unknown option; joined, they reach the config's own check of the value."""
+    out: list[str] = []
+    for item in argv:
+        previous = out[-1] if out else ""
+        if previous.startswith("--") and "=" not in previous and item.startswith("-") and _is_number(item):
+            out[-1] = f"{previous}={item}"
+        else:
+            out.append(item)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _installed_version() -> str:
+    """The installed distribution's version (what pip reports), not the source tree's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prefixtune")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from . import __version__
+
+        return f"{__version__} (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_negative_numbers(sys.argv[1:] if argv is None else list(argv)))
     # keep freed large blocks in the heap, so beam search reuses its full-vocabulary temporaries instead
     # of mapping fresh pages every step (allocator.py; the time it saves is in the README's main-job table)
     allocator.retain_freed_memory()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, OSError, KeyError, MissingExtra) as err:  # a bad value, file or missing extra: one line
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+        print("error: " + " ".join(str(message).split()), file=sys.stderr)
         return 2
 
 

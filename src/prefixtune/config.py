@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -52,6 +53,8 @@ class PrefixConfig:
             raise ValueError("init_text is empty: give real words (e.g. 'table-to-text:') or None for random init")
         if self.init_fit_steps < 0:
             raise ValueError(f"init_fit_steps must be >= 0, got {self.init_fit_steps!r}")
+        if not _finite_positive(self.init_fit_lr):
+            raise ValueError(f"init_fit_lr must be a finite number > 0, got {self.init_fit_lr!r}")
         return self
 
 
@@ -81,6 +84,12 @@ class TextFormat:
         if "{output}" not in self.target:
             raise ValueError(f"TextFormat.target must contain '{{output}}', got {self.target!r}")
         return self
+
+
+def _finite_positive(value) -> bool:
+    """A finite number > 0: what learning rates, norms and temperatures must be (inf and NaN compare
+    inconsistently, so `value > 0` alone lets inf through and NaN fail with an unclear message)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def bf16_mode(value: str | bool) -> str:
@@ -134,8 +143,10 @@ class GenerateConfig:
             raise ValueError(
                 f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens!r}"
             )
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not _finite_positive(self.temperature):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be finite, got {self.length_penalty!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.batch_size < 1:
@@ -211,6 +222,32 @@ class TrainConfig:
     """Longer targets are truncated (their final end-of-text kept)."""
     progress: bool = True
     """Show a progress bar."""
+    max_nonfinite_steps: int = 3
+    """Skip at most this many optimizer steps in a row whose loss or gradient is NaN or infinite (a rare bad
+    batch); one more stops training with an error, keeping the best prefix and resume state saved so far."""
+    allow_pickle: bool = False
+    """Load a base model stored only as pickled PyTorch weights (pytorch_model.bin). Unpickling runs code
+    from the file: only for files you trust. Off: safetensors weights only."""
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the option and its value; return self. Options left as None (the task's
+        default) are checked once filled in (`train.resolve`)."""
+        least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "checkpoint_every": 1, "max_steps": 1,
+                 "warmup_steps": 0, "max_nonfinite_steps": 0, "max_source_tokens": 1, "max_target_tokens": 1}
+        for name, minimum in least.items():
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        if self.lr is not None and not _finite_positive(self.lr):
+            raise ValueError(f"lr must be > 0 and finite, got {self.lr!r} (the paper: 5e-5 to 8e-5; "
+                             "low-data runs here: 5e-4)")
+        if not _finite_positive(self.max_grad_norm):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {self.max_grad_norm!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if self.batch_size is not None and self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        return self
 
 
 def to_dict(cfg: Any) -> dict:

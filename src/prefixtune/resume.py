@@ -1,23 +1,51 @@
 """Resume state of a training run: trainable parameters, AdamW moments and counters in one file.
 
-One safetensors file (counters in its metadata) replaced atomically, so a run killed at any moment
-leaves either the previous state or the new one, never a mix.
+One safetensors file (counters, the run's options and a checksum of its tensors in its metadata) replaced
+atomically, so a run killed at any moment leaves either the previous state or the new one, never a mix.
+A state is checked completely before anything is taken from it: readable, its checksum, finite values,
+well-formed counters, the same options as the resuming run, and shapes that fit the model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
+
+from . import artifact
 
 STATE_NAME = "resume_state.safetensors"
+#: counters every state holds, with the check their values must pass
+_COUNTERS = {
+    "step": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "best_dev": lambda v: v is None or (isinstance(v, (int, float)) and math.isfinite(v)),
+    "bad_evals": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "elapsed": lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+}
+
+
+class DamagedStateError(artifact.DamagedFileError):
+    """A resume state that cannot be used: unreadable, corrupted, non-finite or malformed."""
+
+
+@dataclass
+class State:
+    """A resume state read from disk and checked, not yet applied to a model."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    counters: dict
 
 
 def save_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, counters: dict) -> None:
-    """Write trainable parameters, optimizer state and `counters` (JSON-able) to run_dir."""
+    """Write trainable parameters, optimizer state and `counters` (JSON-able) to run_dir.
+
+    Refuses (NonFiniteError, the previous state kept) parameters or moments holding NaN or inf."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in params.items()}
     index = {id(p): n for n, p in params.items()}
@@ -26,38 +54,87 @@ def save_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
             for key, value in optimizer.state.get(p, {}).items():
                 t = value if torch.is_tensor(value) else torch.tensor(value)
                 tensors[f"opt/{index[id(p)]}/{key}"] = t.detach().cpu().contiguous()
-    tmp = run_dir / f".{STATE_NAME}.tmp{os.getpid()}"
+    target = run_dir / STATE_NAME
+    artifact.require_finite(tensors, f"refusing to write {target}")
+    tmp = artifact.temporary_file(target)
     try:
-        save_file(tensors, str(tmp), metadata={"counters": json.dumps(counters)})
-        os.replace(tmp, run_dir / STATE_NAME)
+        save_file(tensors, str(tmp), metadata={"counters": json.dumps(counters),
+                                               "tensors_digest": artifact.tensors_digest(tensors)})
+        os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+    artifact.remove_stale(run_dir, (STATE_NAME,))
 
 
 def has_state(run_dir: Path) -> bool:
     return (run_dir / STATE_NAME).is_file()
 
 
-def load_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore what `save_state` wrote; returns the counters. Refuses a state of another model shape."""
+def _counters(path: Path, metadata: dict) -> dict:
+    try:
+        counters = json.loads(metadata["counters"])
+    except (KeyError, json.JSONDecodeError):
+        raise DamagedStateError(f"--resume: {path} has no readable counters in its metadata; "
+                                "the file is damaged: start a new run directory") from None
+    for key, valid in _COUNTERS.items():
+        if not isinstance(counters, dict) or key not in counters or not valid(counters[key]):
+            value = counters.get(key, "missing") if isinstance(counters, dict) else counters
+            raise DamagedStateError(f"--resume: {path} has an invalid counter {key!r} ({value!r}); "
+                                    "the file is damaged: start a new run directory")
+    return counters
+
+
+def _check_options(path: Path, saved: dict | None, options: dict) -> None:
+    """Refuse to resume with options that make a different run; states written before options were recorded
+    are not checked."""
+    differing = [name for name in options if saved is not None and name in saved and saved[name] != options[name]]
+    if differing:
+        what = "; ".join(f"--{n.replace('_', '-')} was {saved[n]!r}, now {options[n]!r}" for n in differing)
+        raise ValueError(f"--resume: {path} belongs to a run with other options ({what}): a resumed run must "
+                         "replay the same run. Resume with the run's own values, or start a new --output")
+
+
+def read_state(run_dir: Path, options: dict) -> State:
+    """Read and check the state in run_dir against the resuming run's `options` (name -> value, as
+    `save_state` got them in counters["options"]), before a model is loaded or touched."""
     path = run_dir / STATE_NAME
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no resume state at {path}; start without --resume")
-    with safe_open(str(path), framework="pt") as f:
-        counters = json.loads(f.metadata()["counters"])
-    tensors = load_file(str(path))
+    try:
+        tensors, metadata = artifact.read_safetensors(path)
+    except artifact.DamagedFileError as err:
+        raise DamagedStateError(f"--resume: {err}; start a new run directory") from None
+    counters = _counters(path, metadata)
+    digest = metadata.get("tensors_digest")
+    if digest is not None and digest != artifact.tensors_digest(tensors):
+        raise DamagedStateError(f"--resume: {path} does not match its checksum (tensors_digest): its bytes are "
+                                "corrupted; start a new run directory")
+    try:
+        artifact.require_finite(tensors, f"--resume: {path} is refused")
+    except artifact.NonFiniteError as err:
+        raise DamagedStateError(f"{err}; start a new run directory") from None
+    _check_options(path, counters.get("options"), options)
+    return State(path, tensors, counters)
+
+
+def apply_state(state: State, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore a checked state into the model and optimizer; returns its counters. Refuses a state of another
+    model shape before changing anything."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    moments = {}
     for name, p in params.items():
-        saved = tensors.get(f"param/{name}")
-        if saved is None or saved.shape != p.shape:
-            raise ValueError(f"--resume: {path} does not match this run's prefix (parameter {name}); "
-                             "resume with the same options, or start a new run directory")
+        saved = state.tensors.get(f"param/{name}")
+        mine = {key.rsplit("/", 1)[1]: t for key, t in state.tensors.items() if key.startswith(f"opt/{name}/")}
+        wrong = [k for k, t in mine.items() if k != "step" and t.shape != p.shape]
+        if saved is None or saved.shape != p.shape or wrong:
+            raise ValueError(f"--resume: {state.path} does not match this run's prefix (parameter {name}"
+                             f"{', optimizer state ' + wrong[0] if wrong else ''}); resume with the same options, "
+                             "or start a new run directory")
+        moments[name] = mine
+    for name, p in params.items():
         with torch.no_grad():
-            p.copy_(saved.to(p.device))
-    for p_name, p in params.items():
+            p.copy_(state.tensors[f"param/{name}"].to(p.device))
         # AdamW keeps its "step" counter on the CPU unless capturable; moments live with the parameter.
-        state = {key.rsplit("/", 1)[1]: t if key.endswith("/step") else t.to(p.device)
-                 for key, t in tensors.items() if key.startswith(f"opt/{p_name}/")}
-        if state:
-            optimizer.state[p] = state
-    return counters
+        if moments[name]:
+            optimizer.state[p] = {k: t if k == "step" else t.to(p.device) for k, t in moments[name].items()}
+    return state.counters

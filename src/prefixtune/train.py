@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,18 +33,32 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     filled = {name: getattr(recipe, name) for name in ("lr", "epochs", "batch_size") if getattr(cfg, name) is None}
     length = recipe.prefix_length if cfg.prefix.prefix_length is None else cfg.prefix.prefix_length
     prefix = dataclasses.replace(cfg.prefix, prefix_length=length, seed=cfg.seed).validate()
-    cfg = dataclasses.replace(cfg, prefix=prefix, **filled)
-    for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)!r}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {cfg.max_steps!r}")
-    if cfg.lr <= 0:
-        raise ValueError(f"lr must be > 0, got {cfg.lr!r}")
-    if cfg.batch_size % cfg.grad_accum:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum}")
+    cfg = dataclasses.replace(cfg, prefix=prefix, **filled).validate()
     cfg.bf16 = bf16_mode(cfg.bf16)
     return cfg
+
+
+#: options whose change makes a resumed run a different run: `--resume` refuses them (resume.read_state)
+RUN_OPTIONS = ("task", "train_size", "seed", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay")
+
+
+def run_options(cfg: TrainConfig) -> dict:
+    return {name: getattr(cfg, name) for name in RUN_OPTIONS}
+
+
+def check_output(path: Path) -> None:
+    """Refuse an --output that cannot become the run directory, before any model or data is loaded (and
+    without creating it: a refused run leaves nothing behind)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output {path} is an existing file; give a directory (it is created if missing)")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--output {path} cannot be created: {existing} is a file, not a directory")
+    try:  # os.access is no proof (root passes it, read-only mounts need not fail it): try it
+        tempfile.TemporaryDirectory(prefix=".prefixtune-probe-", dir=existing).cleanup()
+    except OSError as err:
+        raise ValueError(f"--output {path} is not writable: cannot create files in {existing} "
+                         f"({err.strerror or err}); choose another directory") from None
 
 
 def load_training_data(cfg: TrainConfig):
@@ -51,6 +66,9 @@ def load_training_data(cfg: TrainConfig):
     spec = get_task(cfg.task)
     train_split = "train"
     pool = load_groups(cfg.task, train_split, cfg.data_dir, path=cfg.train_file)
+    if not pool:
+        where = cfg.train_file or f"{cfg.task}/{train_split}"
+        raise ValueError(f"{where} holds no training pairs (the file is empty or has only blank lines)")
     if cfg.train_size:
         train, dev = low_data_split(pool, cfg.train_size, cfg.seed)
         note = f"{len(train)} training and {len(dev)} dev pairs drawn with seed {cfg.seed} from {cfg.task}/{train_split}"
@@ -68,6 +86,10 @@ def load_training_data(cfg: TrainConfig):
     if spec.note:
         note += ". " + spec.note
     return train, dev, note
+
+
+class NonFiniteTrainingError(ValueError):
+    """Training diverged (NaN/inf loss, gradients or parameters); what was saved before is kept."""
 
 
 class TargetLoss(nn.Module):
@@ -163,12 +185,14 @@ def train(cfg: TrainConfig) -> dict:
     from accelerate import Accelerator
 
     cfg = resolve(cfg)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(cfg.output)
+    check_output(out)
     if cfg.resume and not resume.has_state(out):
         raise FileNotFoundError(f"--resume: {out} holds no resume state; start without --resume")
-    base, tokenizer = load_base_model(cfg.model, device=acc.device)
+    state = resume.read_state(out, run_options(cfg)) if cfg.resume else None
     train_ex, dev_ex, note = load_training_data(cfg)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    base, tokenizer = load_base_model(cfg.model, device=acc.device, allow_pickle=cfg.allow_pickle)
     # A copy: the model rewrites its config (L from init_text, reparam "table" once the MLP is dropped).
     ptm = PrefixTuningModel(base, dataclasses.replace(cfg.prefix), tokenizer, TextFormat())
     enc_dec = _compat.is_encoder_decoder(base)
@@ -180,9 +204,10 @@ def train(cfg: TrainConfig) -> dict:
     total = min(cfg.max_steps or math.inf, steps_per_epoch * cfg.epochs)
     optimizer = torch.optim.AdamW([p for p in ptm.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    counters = {"step": 0, "best_dev": None, "bad_evals": 0, "elapsed": 0.0}
-    if cfg.resume:
-        counters = resume.load_state(out, ptm, optimizer)
+    counters = {"step": 0, "best_dev": None, "bad_evals": 0, "elapsed": 0.0, "nonfinite_steps": 0,
+                "options": run_options(cfg)}
+    if state is not None:
+        counters = {**counters, **resume.apply_state(state, ptm, optimizer)}
     model = acc.prepare(TargetLoss(ptm))
     workload = _train_workload(train_rows, cfg, acc.device, tokenizer.pad_token_id, ptm)
     autocast, bf16 = _autocast(cfg, acc, counters, workload)
@@ -204,7 +229,7 @@ class _Loop:
     model: nn.Module  # TargetLoss, DDP-wrapped when distributed
     ptm: PrefixTuningModel
     optimizer: torch.optim.Optimizer
-    counters: dict  # step, best_dev, bad_evals, elapsed: what a resume restores
+    counters: dict  # step, best_dev, bad_evals, elapsed, nonfinite_steps, options, bf16: what a resume restores
     log: RunLog
     train_rows: list[Encoded]
     dev_rows: list[Encoded]
@@ -234,19 +259,52 @@ class _Loop:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss = _step(self.model, rows, cfg, self.acc, self.pad_id, self.enc_dec, self.autocast)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._update(params, loss, step + 1, lr)
             c["step"], c["elapsed"] = step + 1, time.time() - started
             dev = self._maybe_evaluate()
             self.log.step(c["step"], epoch + 1, loss, lr, dev, c["elapsed"], bar)
-            if c["step"] % cfg.checkpoint_every == 0 or c["step"] == self.total or self._stop():
+            # not inside a run of skipped steps: a resume state never moves into a divergence
+            due = c["step"] % cfg.checkpoint_every == 0 or c["step"] == self.total or self._stop()
+            if due and not c["nonfinite_steps"]:
                 self._checkpoint()
             if self._stop():
                 self.log.message(f"early stopping: {c['bad_evals']} evaluations without dev improvement")
                 break
         bar.close()
+        if c["best_dev"] is None:
+            raise NonFiniteTrainingError(f"training ended without a finite dev loss: no prefix was saved in "
+                                         f"{cfg.output}; check the dev data and lower --lr")
         return self.log.finish(c, self.note, self.ptm)
+
+    def _update(self, params: list, loss: float, step: int, lr: float) -> None:
+        """The optimizer step, or, when the loss or gradient norm is NaN/inf, no update at all (its batch
+        is skipped); more than max_nonfinite_steps skipped in a row, or an update that makes the
+        parameters non-finite, stops training before anything non-finite can be saved."""
+        c, cfg = self.counters, self.cfg
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        finite = math.isfinite(loss) and bool(torch.isfinite(norm))
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        c["nonfinite_steps"] = 0 if finite else c.get("nonfinite_steps", 0) + 1
+        if c["nonfinite_steps"] > cfg.max_nonfinite_steps:
+            raise NonFiniteTrainingError(
+                f"training stopped at step {step}: loss or gradient was NaN/inf for {c['nonfinite_steps']} steps in "
+                f"a row (--max-nonfinite-steps {cfg.max_nonfinite_steps}; loss {loss}, lr {lr:.3g}); {self._kept()}. "
+                "Lower --lr, or check the training data")
+        if not finite:
+            self.log.message(f"step {step}: loss {loss}, gradient norm {float(norm)}: update skipped "
+                             f"({c['nonfinite_steps']} of at most {cfg.max_nonfinite_steps} in a row)")
+        elif not all(bool(torch.isfinite(p).all()) for p in params):
+            raise NonFiniteTrainingError(f"training stopped at step {step}: the update made the prefix parameters "
+                                         f"NaN/inf (lr {lr:.3g} is too high); {self._kept()}. Lower --lr")
+
+    def _kept(self) -> str:
+        """What a stopped run leaves: only what was saved while everything was finite."""
+        best, out = self.counters["best_dev"], self.cfg.output
+        if best is None:
+            return f"no prefix was saved in {out}"
+        return f"the best prefix so far (dev loss {best:.4f}) in {out} is kept"
 
     def _stop(self) -> bool:
         return self.cfg.patience is not None and self.counters["bad_evals"] >= self.cfg.patience
@@ -256,7 +314,10 @@ class _Loop:
         if c["step"] % self.eval_every and c["step"] != self.total:
             return None
         loss = dev_loss(self.loss_fn, self.dev_rows, self.cfg, self.pad_id, self.autocast)
-        if c["best_dev"] is None or loss < c["best_dev"]:
+        if not math.isfinite(loss):  # never the best: a NaN/inf prefix is never saved
+            self.log.message(f"step {c['step']}: dev loss {loss}; the prefix is not saved")
+            c["bad_evals"] += 1
+        elif c["best_dev"] is None or loss < c["best_dev"]:
             c["best_dev"], c["bad_evals"] = loss, 0
             if self.acc.is_main_process:
                 self.ptm.save_pretrained(self.cfg.output, extra={"training": self._facts(loss)})

@@ -54,8 +54,13 @@ def _line_pairs(line: str, input_key: str, output_key: str, where: str) -> list[
 
 
 def _pairs(path: pathlib.Path, input_key: str, output_key: str) -> Iterator[tuple[str, str]]:
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:  # bytes: a decoding error can then name its line
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not UTF-8 text (byte {raw[error.start]:#04x} at "
+                                 f"byte offset {error.start} of the line); save the file as UTF-8") from None
             if line.strip():  # blank lines (a trailing newline, spacing) carry no record
                 yield from _line_pairs(line, input_key, output_key, f"{path}, line {number}")
 
