@@ -143,12 +143,10 @@ def test_bad_prefix_length(bad):
         PrefixTuningModel(tiny_model("gpt2"), PrefixConfig(prefix_length=bad))
 
 
-def test_unsupported_architecture_lists_supported():
-    cfg = transformers.BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                  intermediate_size=64, is_decoder=True)
-    model = transformers.BertLMHeadModel(cfg)
-    with pytest.raises(UnsupportedModelError, match="model_type 'bert'.*Supported model types: gpt2"):
-        PrefixTuningModel(model, PrefixConfig())
+def test_unsupported_architecture_refused():
+    cfg = transformers.BloomConfig(vocab_size=300, hidden_size=32, n_layer=1, n_head=4)
+    with pytest.raises(UnsupportedModelError, match="model_type 'bloom'.*AttentionInterface"):
+        PrefixTuningModel(transformers.BloomForCausalLM(cfg), PrefixConfig())
 
 
 def test_empty_input_and_missing_tokenizer():

@@ -24,12 +24,11 @@ def test_unknown_model_says_where_it_looked():
         load_base_model("no-such-org/no-such-model-xyz")
 
 
-def test_unsupported_model_type_lists_supported(tmp_path):
-    cfg = transformers.BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                  intermediate_size=64)
-    cfg.save_pretrained(tmp_path / "bert")
-    with pytest.raises(UnsupportedModelError, match="model_type 'bert'.*Supported: gpt2 \\(GPT-2\\), llama"):
-        load_base_model(str(tmp_path / "bert"))
+def test_unsupported_model_refused_before_loading_weights(tmp_path):
+    cfg = transformers.BloomConfig(vocab_size=300, hidden_size=32, n_layer=1, n_head=4)
+    cfg.save_pretrained(tmp_path / "bloom")  # no weights: the config alone must be refused
+    with pytest.raises(UnsupportedModelError, match="model_type 'bloom'.*BloomForCausalLM computes attention inside"):
+        load_base_model(str(tmp_path / "bloom"))
 
 
 @pytest.mark.parametrize("bad", ["", "   "])

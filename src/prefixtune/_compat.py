@@ -16,18 +16,9 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-#: model_type -> family name shown to users. Each one is covered by the tests on a tiny random model.
-SUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "gpt2": "GPT-2",
-    "llama": "Llama (incl. SmolLM2, grouped-query attention)",
-    "opt": "OPT",
-    "qwen2": "Qwen2",
-    "gpt_neox": "GPT-NeoX (Pythia)",
-    "gemma": "Gemma",
-    "phi3": "Phi-3",
-    "bart": "BART (encoder-decoder)",
-    "t5": "T5 (encoder-decoder)",
-}
+from ._routes import ROUTES as _ROUTES
+from ._routes import base_of as _routed_base
+from ._routes import install as _install_route
 
 #: Submodule names of decoder cross-attention in the supported encoder-decoder families.
 _CROSS_ATTENTION_NAMES = ("encoder_attn", "EncDecAttention", "crossattention")
@@ -59,15 +50,93 @@ class UnsupportedModelError(ValueError):
     """The base model's architecture is not one prefixtune knows how to prefix."""
 
 
-def check_supported(model: PreTrainedModel) -> None:
-    """Raise a clear error for an architecture we have not tested, naming the supported ones."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        families = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
+#: `config.layer_types` entries whose layers are attention; any other kind of layer (linear attention,
+#: state-space, convolution) mixes tokens outside attention, where no prefix reaches.
+_ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+
+
+def refused_feature(config) -> str | None:
+    """The feature of `config` that meets a prefix and that prefixtune does not handle, described for the user.
+
+    Handled, so not refused: sliding windows (`prefix_in_window`), attention soft-capping and explicit
+    scaling (the model's own attention function runs over [prefix; real] keys), final-logit scaling and
+    soft-capping (`backbone_and_head`), per-layer head counts (shapes are read per layer), mixture-of-experts
+    routing without an expert capacity (routers see real tokens only; prefixes enter attention only).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    attn_config = getattr(text, "attn_config", None)
+    if getattr(text, "alibi", False) or getattr(attn_config, "alibi", False):
+        return ("ALiBi position biases (alibi=True): a prefix key has no distance to a query, so it has no "
+                "defined ALiBi bias")
+    if getattr(text, "attention_chunk_size", None):
+        return (f"chunked local attention (attention_chunk_size={text.attention_chunk_size}): a prefix in front "
+                "would move every chunk boundary")
+    if getattr(text, "expert_capacity", None):
+        return (f"mixture-of-experts routing with an expert capacity (expert_capacity={text.expert_capacity}): "
+                "one row's tokens can push another row's out of an expert, so rows of a batch interact")
+    other = sorted(set(getattr(text, "layer_types", None) or ()) - _ATTENTION_LAYER_TYPES)
+    if other:
+        return (f"layers of type {other}: prefixes reach attention layers only, and these layers mix tokens "
+                "outside attention")
+    return None
+
+
+def model_class(config) -> type | None:
+    """The transformers class prefixtune loads for `config`: its causal LM, or its seq2seq LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    try:
+        return auto._model_mapping[type(config)]
+    except KeyError:
+        return None
+
+
+def check_config(config, name: str | None = None) -> None:
+    """Refuse, from its config alone, a model whose attention prefixtune cannot prefix exactly.
+
+    Any model works whose attention goes through transformers' AttentionInterface (what transformers
+    itself requires to switch attention implementations), plus the few routed here (`_ROUTES`), unless
+    it uses a feature named by `refused_feature`.
+    """
+    model_type = getattr(config, "model_type", None)
+    what = f"model {name!r} (model_type {model_type!r})" if name else f"model_type {model_type!r}"
+    feature = refused_feature(config)
+    if feature is not None:
+        raise UnsupportedModelError(f"{what} uses {feature}; prefixtune cannot add a prefix to it exactly")
+    cls = model_class(config)
+    if cls is None:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} ({type(model).__name__}) is not supported by prefixtune. "
-            f"Supported model types: {families}."
-        )
+            f"{what} has no causal or sequence-to-sequence language-model class in transformers "
+            f"{CHECKED_TRANSFORMERS}; prefixtune prefixes language models only")
+    if model_type not in _ROUTES and not cls._can_set_attn_implementation():
+        raise UnsupportedModelError(
+            f"{what}: {cls.__name__} computes attention inside its own modules instead of through "
+            "transformers' AttentionInterface, so prefixes cannot reach it. Use a model whose attention goes "
+            "through the interface (the README lists the model types tested)")
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    """`check_config`, then what only the built model shows: its attention modules and its logits."""
+    check_config(model.config, type(model).__name__)
+    found = list(attention_modules(model))
+    if not found:
+        raise UnsupportedModelError(f"found no attention modules in {type(model).__name__}: prefixes enter "
+                                    "attention only")
+    if is_encoder_decoder(model):
+        return
+    selfs = [(n, m) for n, role, m in found if role == "self"]
+    bidirectional = [n for n, m in selfs if getattr(m, "is_causal", True) is False]
+    if bidirectional:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has bidirectional self-attention ({bidirectional[0]}.is_causal is False): "
+            "load a causal LM (for BERT-like models, a config with is_decoder=True) or an encoder-decoder model")
+    layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    if layers is not None and len(selfs) != layers:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has {layers} layers but {len(selfs)} attention modules that prefixtune "
+            "recognises: the other layers would not see the prefix")
+    _check_head(model)
 
 
 def is_encoder_decoder(model: PreTrainedModel) -> bool:
@@ -107,8 +176,12 @@ def embedding_dim(model: PreTrainedModel) -> int:
 def base_attention(module: nn.Module, implementation: str) -> Callable:
     """The attention function the model would have used without prefixes.
 
-    "eager" lives in each model's own file (T5's adds its position bias), so it is looked up there.
+    "eager" lives in each model's own file (T5's adds its position bias, Gemma 2's its soft-capping), so it
+    is looked up there; a routed module (`_routes.py`) has its own attention step.
     """
+    routed = _routed_base(module)
+    if routed is not None:
+        return routed
     if implementation == "eager":
         owner = sys.modules[type(module).__module__]
         return getattr(owner, "eager_attention_forward")
@@ -127,13 +200,48 @@ def register_attention(name: str, fn: Callable) -> None:
 
 
 def set_attention_implementation(model: PreTrainedModel, name: str) -> None:
-    """Switch the model (and its sub-configs, e.g. encoder/decoder) to implementation `name`."""
-    model.set_attn_implementation(name)
+    """Switch the model (and its sub-configs, e.g. encoder/decoder) to implementation `name`.
+
+    A model that computes attention itself is first routed through the interface (`_routes.py`);
+    transformers refuses to switch such a model, so its config is set directly.
+    """
+    route = _ROUTES.get(model.config.model_type)
+    if route is not None and _install_route(model, route):
+        model.config._attn_implementation = name
+    else:
+        model.set_attn_implementation(name)
     if model.config._attn_implementation != name:
         raise UnsupportedModelError(
             f"{type(model).__name__} refused attention implementation {name!r} "
             f"(it stays {model.config._attn_implementation!r}); prefixtune cannot inject prefixes into it."
         )
+
+
+def prefix_in_window(module: nn.Module, kwargs: dict, prefix_mask: torch.Tensor, visible_from: torch.Tensor | None,
+                     k_len: int) -> torch.Tensor | None:
+    """(B, 1, q, L): which prefix slots the queries of a sliding-window layer still reach; None: all of them.
+
+    A prefix counts as cached tokens at positions 0..n-1 before a row's first real token (at position n,
+    `inject.position_ids`), so slot j leaves the window of a query at position p once p - j >= window,
+    as transformers' window (`kv_idx > q_idx - window`) drops a cached token. Positions rather than
+    indices, so left padding does not move the window. The window comes as the `sliding_window` argument
+    that models give attention functions (for flash attention); Qwen2-MoE only sets it on the module.
+    """
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
+    if not window or prefix_mask.shape[1] + k_len <= window:
+        return None  # no full attention to cut, or a window that spans the prefix and every key
+    if visible_from is not None:
+        raise UnsupportedModelError(
+            f"the infix ablation with a sliding window of {window} positions over {k_len} tokens: the window "
+            "would also move over the source, which an infix cannot follow; use variant='prefix' or shorter inputs")
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} has a sliding window of {window} positions but gives its attention no "
+            "position_ids, so prefixtune cannot tell which prefix slots are still in the window; keep prefix "
+            f"plus sequence within {window} tokens")
+    slot = torch.arange(prefix_mask.shape[1], device=positions.device)
+    return (positions[:, :, None] - slot[None, None, :] < int(window))[:, None]
 
 
 def float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -158,14 +266,60 @@ def plain_copy(model: PreTrainedModel) -> PreTrainedModel:
     return fresh.eval()
 
 
+def _logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What a causal LM's forward does to its output projection's result, or None: Cohere multiplies by
+    `logit_scale`, Granite divides by `logits_scaling`, Gemma 2/3 soft-cap with `final_logit_softcapping`."""
+    scale, divide = getattr(config, "logit_scale", None), getattr(config, "logits_scaling", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        return lambda logits: torch.tanh(logits / cap) * cap
+    if scale is not None:
+        return lambda logits: logits * scale
+    if divide is not None:
+        return lambda logits: logits / divide
+    return None
+
+
+class _ScaledHead(nn.Module):
+    """The output projection followed by the model's own logit transform."""
+
+    def __init__(self, head: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.head, self.transform = head, transform
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.transform(self.head(hidden))
+
+
 def backbone_and_head(model: PreTrainedModel) -> tuple[nn.Module, nn.Module]:
-    """(decoder stack returning last_hidden_state, output projection) of a decoder-only LM.
+    """(decoder stack returning last_hidden_state, head giving the model's own logits) of a decoder-only LM.
 
     Training applies the head only at target positions: full-vocabulary logits over source tokens are
-    wasted work (~15% of a SmolLM2 step). Valid for the supported families, none of which scales or
-    soft-caps logits after the head.
+    wasted work (~15% of a SmolLM2 step). `check_supported` refuses a model whose logits this head does not
+    reproduce.
     """
-    return model.base_model, model.get_output_embeddings()
+    head = model.get_output_embeddings()
+    transform = _logit_transform(model.config.get_text_config())
+    return model.base_model, head if transform is None else _ScaledHead(head, transform)
+
+
+def _check_head(model: PreTrainedModel) -> None:
+    """`backbone_and_head` must give the model's logits: a forward that changes them after the output
+    projection in a way not known here would train on other logits than the model decodes with."""
+    ids = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
+    backbone, head = backbone_and_head(model)
+    training = model.training
+    model.eval()  # no dropout: both passes must compute the same thing
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids, use_cache=False).logits.float()
+            ours = head(backbone(input_ids=ids, use_cache=False).last_hidden_state).float()
+    finally:
+        model.train(training)
+    if ours.shape != full.shape or (ours - full).abs().max() > 1e-5 * (1 + full.abs().max()):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} changes its logits after the output projection in a way prefixtune does "
+            "not know (training computes target logits from the last hidden state and the output embeddings)")
 
 
 def checkpointing_without(model: PreTrainedModel, context_fn) -> bool:

@@ -136,7 +136,8 @@ def prefix_attention(module: nn.Module, query, key, value, attention_mask, **kwa
             pmask, visible_from = batch.mask_rows(query.shape[0])
             width = pmask.shape[1]
             real_len = key.shape[2] - (width if batch.in_cache else 0)
-            attention_mask = _extended_mask(module, query, real_len, attention_mask, pmask, visible_from)
+            in_window = _compat.prefix_in_window(module, kwargs, pmask, visible_from, real_len)
+            attention_mask = _extended_mask(module, query, real_len, attention_mask, pmask, visible_from, in_window)
             if not batch.in_cache:
                 pk, pv = batch.kv_rows(slot, query.shape[0])
                 key = torch.cat([pk.to(key.dtype), key], dim=2)
@@ -146,8 +147,10 @@ def prefix_attention(module: nn.Module, query, key, value, attention_mask, **kwa
     return base(module, query, key, value, attention_mask, **kwargs)
 
 
-def _extended_mask(module, query, k_len: int, mask, prefix_mask, visible_from) -> torch.Tensor:
-    """Additive (B, 1, q, L + k) mask: prefix columns first, then the model's own mask over k real keys."""
+def _extended_mask(module, query, k_len: int, mask, prefix_mask, visible_from, in_window=None) -> torch.Tensor:
+    """Additive (B, 1, q, L + k) mask: prefix columns first, then the model's own mask over k real keys.
+
+    in_window (B, 1, q, L) or None: which prefix slots a sliding-window layer's queries still reach."""
     b, q_len, dtype = query.shape[0], query.shape[2], query.dtype
     if mask is None:
         mask = torch.zeros(b, 1, q_len, k_len, dtype=dtype, device=query.device)
@@ -160,6 +163,8 @@ def _extended_mask(module, query, k_len: int, mask, prefix_mask, visible_from) -
     if visible_from is not None:  # infix: queries before the boundary (the source) do not see it
         q_index = torch.arange(k_len - q_len, k_len, device=query.device)
         allowed = allowed & (q_index[None, None, :, None] >= visible_from[:, None, None, None])
+    if in_window is not None:
+        allowed = allowed & in_window
     zero = torch.zeros((), dtype=dtype, device=query.device)
     prefix_cols = torch.where(allowed, zero, torch.finfo(dtype).min)
     return torch.cat([prefix_cols, mask], dim=-1)

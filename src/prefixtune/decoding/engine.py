@@ -98,14 +98,17 @@ class Engine:
             self._join(members, members[0].num_beams, lambda prompts, m=members: BeamGroup(self, m, prompts))
 
     def _join(self, requests: list[Request], copies: int, make_group) -> None:
+        """Prefill and merge `requests` as one group. All or nothing: whatever raises (options, seeds, a prefix
+        that does not fit) leaves the running batch as it was, so the caller can retry requests one by one."""
         ids, mask = left_pad([r.prompt for r in requests], 0)  # pad columns are masked: any id will do
         ids, mask = ids.to(self.device), mask.to(self.device)
+        group = make_group(ids)  # before any state changes: building it checks the options and seeds
         state = self._prefill(requests, ids, mask)
         if copies > 1:  # each source's lanes are consecutive copies (beam search reorders within them)
             state["cache"].batch_repeat_interleave(copies)
             state = {k: v if k == "cache" else v.repeat_interleave(copies, 0) for k, v in state.items()}
         self._merge(state)
-        self.groups.append(make_group(ids))
+        self.groups.append(group)
 
     def _prefill(self, requests: list[Request], ids: torch.Tensor, mask: torch.Tensor) -> dict:
         """Run every prompt but its last token over a cache that starts with the rows' prefixes."""
@@ -131,14 +134,14 @@ class Engine:
             return
         a, b = self.mask.shape[1], new["mask"].shape[1]
         width = max(a, b)
-        self.cache = merge(self.base, self.cache, new["cache"])
         pad = lambda m, n: torch.nn.functional.pad(m, (n, 0))  # noqa: E731
-        self.mask = torch.cat([pad(self.mask, width - a), pad(new["mask"], width - b)])
         plen = max(self.prefix_mask.shape[1], new["prefix_mask"].shape[1])
         right = lambda m: torch.nn.functional.pad(m, (0, plen - m.shape[1]), value=False)  # noqa: E731
-        self.prefix_mask = torch.cat([right(self.prefix_mask), right(new["prefix_mask"])])
-        self.pos = torch.cat([self.pos, new["pos"]])
-        self.next_ids = torch.cat([self.next_ids, new["next_ids"]])
+        merged = {"cache": merge(self.base, self.cache, new["cache"]),  # a new cache: the running one is untouched
+                  "mask": torch.cat([pad(self.mask, width - a), pad(new["mask"], width - b)]),
+                  "prefix_mask": torch.cat([right(self.prefix_mask), right(new["prefix_mask"])]),
+                  "pos": torch.cat([self.pos, new["pos"]]), "next_ids": torch.cat([self.next_ids, new["next_ids"]])}
+        self.__dict__.update(merged)  # only once everything is built, so a failure leaves the batch as it was
 
     def _select(self, perm: torch.Tensor | None, keep: torch.Tensor | None) -> None:
         """Lane i continues lane perm[i]; then only the lanes where keep is True stay."""
