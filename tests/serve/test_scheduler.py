@@ -147,8 +147,8 @@ def test_batcher_mixes_tasks_in_one_batch():
                          ("t0", "beam too", GenerateConfig(num_beams=3, max_new_tokens=5, min_new_tokens=0))]
     _run_batcher(batcher, _rows(multi, cases, sink, stream=False), sink)
     _assert_alone(multi, cases, sink)
-    counts, buckets = metrics.batch_rows.counts, metrics.batch_rows.buckets  # cumulative: passes with <= b rows
-    assert counts[buckets.index(8)] > counts[buckets.index(4)]  # a pass with the 8 step rows of 3 tasks
+    passes = lambda rows: metrics.total("prefixtune_batch_rows_bucket", le=f"{rows:.1f}")  # noqa: E731  (<= rows)
+    assert passes(8) > passes(4)  # a pass with the 8 step rows of 3 tasks
 
 
 def test_batcher_one_task_per_batch_still_equal():
@@ -158,7 +158,8 @@ def test_batcher_one_task_per_batch_still_equal():
     cases = _cases(6)
     _run_batcher(batcher, _rows(multi, cases, sink, stream=False), sink)
     _assert_alone(multi, cases, sink)
-    assert metrics.batch_rows.counts[metrics.batch_rows.buckets.index(2)] == metrics.batch_rows.count  # 2 rows a task
+    passes = metrics.total("prefixtune_batch_rows_count")
+    assert passes > 0 and metrics.total("prefixtune_batch_rows_bucket", le="2.0") == passes  # 2 rows a task
 
 
 def test_beam_rows_share_passes_with_streams():

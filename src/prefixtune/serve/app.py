@@ -1,15 +1,17 @@
 """`prefixtune serve`: one frozen base model, many prefixes (tasks), one HTTP server (FastAPI + uvicorn).
 
 Routes (documented on /docs): POST /v1/generate, GET /v1/tasks, PUT and DELETE /v1/tasks/{name},
-GET /health, GET /metrics. Rows of different tasks are decoded in the same batches by
-`scheduler.Batcher`; `routes` answers /v1/generate; this module is the rest of the HTTP side: the
-app, errors, auth and the CLI glue.
+GET /v1/models, POST /v1/completions and /v1/chat/completions (OpenAI-compatible), GET /health,
+GET /metrics. Rows of different tasks are decoded in the same batches by `scheduler.Batcher`; `routes`
+answers /v1/generate, `openai_routes` the OpenAI routes, `taskcache` keeps the resident tasks; this
+module is the rest of the HTTP side: the app, errors, auth and the CLI glue.
 See docs/serving.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -18,59 +20,83 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..extras import needs
 from ..models import load_base_model
 from ..multi import MultiPrefixModel, Task
-from .metrics import Metrics
-from .routes import GenerateRoute
+from .metrics import CONTENT_TYPE, Metrics
+from .openai_routes import OpenAIApi
+from .requestlog import RequestLog
+from .requestlog import logger as request_logger
 from .scheduler import Batcher
 from .schema import ERRORS, ApiError, GenerateResponse, TaskInfo, TaskList, _error
+from .served_route import ServedRoute
 from .settings import TASK_NAME, ServeSettings, settings_from_args
-from .store import load_prefix_dir, load_task
+from .store import public_source
+from .taskcache import TaskCache
 
 logger = logging.getLogger("prefixtune.serve")
 
 
-def _info(task: Task) -> TaskInfo:
+def _info(task: Task, root: Path | None) -> TaskInfo:
     return TaskInfo(name=task.name, prefix_length=task.prefix.length, num_parameters=task.prefix.num_parameters(),
-                    source=task.source)
+                    source=public_source(task, root))
 
 
 # --- the app ---------------------------------------------------------------------------------------
 class _Gate:
-    """ASGI middleware run before any body is read: API key, body size, and generate requests by status.
+    """ASGI middleware run before any body is read: API key, body size, and a body that never arrives in full.
 
-    Checking here (not in a route dependency) answers 401/413 before the body is parsed.
+    Checking here (not in a route dependency) answers 401/413 before the body is parsed. Its refusals are
+    counted by `requestlog.RequestLog`, the outer middleware.
     """
 
-    def __init__(self, app, settings: ServeSettings, metrics: Metrics):
-        self.app, self.settings, self.metrics = app, settings, metrics
+    def __init__(self, app, settings: ServeSettings):
+        self.app, self.settings = app, settings
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        counted = scope["path"] == "/v1/generate"
         refusal = self._refusal(scope)
         if refusal is not None:
-            if counted:
-                self.metrics.request(refusal.status_code)
             return await refusal(scope, receive, send)
+        if dict(scope["headers"]).get(b"content-length", b"0") != b"0":
+            receive = await self._whole_body(scope, receive, send)
+            if receive is None:
+                return
+        await self.app(scope, receive, send)
 
-        async def counting_send(message):
-            if counted and message["type"] == "http.response.start":
-                self.metrics.request(message["status"])
-            await send(message)
+    async def _whole_body(self, scope, receive, send):
+        """Read the body within body_timeout_s, then replay it; None when answered 408 or the client left.
 
-        await self.app(scope, receive, counting_send)
+        Without this, a body shorter than its Content-Length holds the connection (and a handler) forever."""
+        loop, chunks, more = asyncio.get_running_loop(), [], True
+        deadline = loop.time() + self.settings.body_timeout_s
+        while more:
+            try:  # asyncio.wait_for, not asyncio.timeout: Python 3.10
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                expected = dict(scope["headers"])[b"content-length"].decode()
+                answer = _error(408, "body_timeout", f"request body incomplete: {sum(map(len, chunks))} of its "
+                                f"{expected} bytes (Content-Length) arrived within {self.settings.body_timeout_s:g} s")
+                await answer(scope, receive, send)
+                return None
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        return lambda: _next(replay, receive)
 
     def _refusal(self, scope) -> JSONResponse | None:
         headers = {k.lower(): v for k, v in scope["headers"]}
         key = self.settings.api_key
         if key is not None and (scope["path"].startswith("/v1/") or scope["path"] == "/metrics"):
-            given = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ")
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            given = headers.get(b"x-api-key") or (token.strip() if scheme.lower() == b"bearer" else b"")
             if not hmac.compare_digest(given, key.encode()):
                 return _error(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer KEY' or "
                               "'X-API-Key: KEY'", {"WWW-Authenticate": "Bearer"})
@@ -83,19 +109,27 @@ class _Gate:
         return None
 
 
+async def _next(replay: list[dict], receive) -> dict:
+    """The body read ahead, once; then the client's own messages (a disconnect)."""
+    return replay.pop() if replay else await receive()
+
+
 def create_app(multi: MultiPrefixModel, settings: ServeSettings) -> FastAPI:
-    """The server for `multi` (its tokenizer is required); also loads every prefix in settings.prefix_dir.
+    """The server for `multi` (its tokenizer is required). Loads every prefix in settings.prefix_dir, or with
+    `max_tasks` only the pinned ones (the others load on demand).
 
     The batching worker starts with the app's lifespan (uvicorn runs it) and stops with it.
     """
     settings.validate()
     if multi.tokenizer is None:
         raise ValueError("serving needs MultiPrefixModel(base, tokenizer)")
-    if settings.prefix_dir is not None:
-        load_prefix_dir(multi, Path(settings.prefix_dir))
     metrics = Metrics()
+    root = None if settings.prefix_dir is None else Path(settings.prefix_dir)
+    cache = TaskCache(multi, metrics, root, settings.max_tasks, settings.pin)
+    cache.start()
     batcher = Batcher(multi, metrics, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
                       max_queue=settings.max_queue, mix_tasks=settings.mix_tasks)
+    metrics.bind(batcher, multi)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -105,38 +139,36 @@ def create_app(multi: MultiPrefixModel, settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="prefixtune", lifespan=lifespan, responses={401: ERRORS[401]},
                   description="Many prefix-tuned tasks served from one frozen model, mixed in every batch.")
-    app.state.batcher, app.state.metrics, app.state.settings = batcher, metrics, settings
-    app.add_middleware(_Gate, settings=settings, metrics=metrics)
+    app.state.batcher, app.state.metrics, app.state.settings, app.state.tasks = batcher, metrics, settings, cache
+    app.add_middleware(_Gate, settings=settings)
+    app.add_middleware(RequestLog, metrics=metrics, log_json=settings.log_format == "json")  # outermost
     _add_error_handlers(app)
-    generate = GenerateRoute(multi, settings, batcher, metrics)
+    served = lambda route: ServedRoute(multi, settings, batcher, metrics, cache, route)  # noqa: E731
     app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS,
-             summary="Generate for one task (one input or a list); stream=true for server-sent events")(generate.handle)
+             summary="Generate for one task (one input or a list); stream=true for server-sent events")(
+        served("/v1/generate").handle)
+    app.include_router(OpenAIApi(served, metrics).router())
 
-    _task_routes(app, multi, settings)
+    _task_routes(app, cache)
     _ops_routes(app, multi, batcher, metrics)
     return app
 
 
-def _task_routes(app: FastAPI, multi: MultiPrefixModel, settings: ServeSettings) -> None:
-    @app.get("/v1/tasks", response_model=TaskList, summary="Loaded tasks")
+def _task_routes(app: FastAPI, cache: TaskCache) -> None:
+    @app.get("/v1/tasks", response_model=TaskList, summary="Loaded (resident) tasks")
     async def list_tasks() -> TaskList:
-        return TaskList(tasks=[_info(t) for _, t in sorted(multi.tasks().items())])
+        return TaskList(tasks=[_info(t, cache.root) for _, t in sorted(cache.multi.tasks().items())])
 
     @app.put("/v1/tasks/{name}", response_model=TaskInfo, responses=ERRORS,
              summary="Load or reload a task from the prefix directory (201 when new)")
     async def put_task(name: str) -> JSONResponse:
-        if settings.prefix_dir is None:
-            raise ApiError(400, "no_prefix_dir", "this server was started without a prefix directory")
-        new = name not in multi.tasks()
-        task = await run_in_threadpool(load_task, multi, Path(settings.prefix_dir), name)
-        return JSONResponse(_info(task).model_dump(), status_code=201 if new else 200)
+        new = cache.resident(name) is None
+        task = await run_in_threadpool(cache.load, name)
+        return JSONResponse(_info(task, cache.root).model_dump(), status_code=201 if new else 200)
 
-    @app.delete("/v1/tasks/{name}", responses=ERRORS, summary="Unload a task (files stay)")
+    @app.delete("/v1/tasks/{name}", responses=ERRORS, summary="Unload a task (files stay; it loads again on demand)")
     async def delete_task(name: str) -> dict:
-        try:
-            multi.remove(name)
-        except KeyError as err:
-            raise ApiError(404, "unknown_task", err.args[0]) from None
+        cache.remove(name)
         return {"deleted": name}
 
 
@@ -147,12 +179,9 @@ def _ops_routes(app: FastAPI, multi: MultiPrefixModel, batcher: Batcher, metrics
                 "queue_depth": batcher.queue_depth, "active_rows": batcher.active_rows}
         return JSONResponse(body, status_code=200 if batcher.alive else 503)
 
-    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
-    async def metrics_text() -> PlainTextResponse:
-        gauges = {"prefixtune_queue_depth": ("Rows waiting for a batch slot.", batcher.queue_depth),
-                  "prefixtune_active_rows": ("Rows being decoded step by step.", batcher.active_rows),
-                  "prefixtune_tasks": ("Loaded tasks.", len(multi.tasks()))}
-        return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics")
+    async def metrics_text() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -179,7 +208,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 def cli_main(args: argparse.Namespace) -> int:
     """`prefixtune serve`: load the model and prefixes, then serve until interrupted. Returns the exit code."""
     import torch
-    import uvicorn
+
+    with needs("serve"):
+        import uvicorn
 
     try:
         settings = settings_from_args(args)
@@ -198,9 +229,20 @@ def cli_main(args: argparse.Namespace) -> int:
     multi = MultiPrefixModel(model, tokenizer)
     for name, path in explicit:
         multi.add(name, path)
-    app = create_app(multi, settings)
+    try:
+        app = create_app(multi, settings)
+    except ValueError as err:  # a pin that cannot load, or --max-tasks too small for the pins
+        print(f"prefixtune serve: {err}", file=sys.stderr)
+        return 2
+    if settings.log_format == "json":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        request_logger.addHandler(handler)
+        request_logger.setLevel(logging.INFO)
+        request_logger.propagate = False
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(f"prefixtune serve: WARNING: listening on {args.host} without an API key", file=sys.stderr)
     print(f"prefixtune serve: {len(multi.tasks())} tasks on http://{args.host}:{args.port} (docs: /docs)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                access_log=settings.log_format != "json")  # the JSON lines replace the access log
     return 0

@@ -13,15 +13,17 @@ import time
 from typing import AsyncIterator
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ..config import GenerateConfig
 from ..decoding import encode_sources
 from ..multi import MultiPrefixModel, Task
 from .metrics import Metrics
-from .rows import QueueFull, Row
+from .admission import submit
+from .rows import Row
 from .scheduler import Batcher
-from .schema import DECODING_FIELDS, ApiError, GenerateRequest, GenerateResponse, Output, Timing
+from .schema import BOUNDS, DECODING_FIELDS, ApiError, GenerateRequest, GenerateResponse, Output, Timing
 from .settings import TASK_NAME, ServeSettings
 
 
@@ -39,15 +41,13 @@ class GenerateRoute:
         if not 1 <= len(inputs) <= self.settings.max_inputs_per_request:
             raise ApiError(400, "invalid_request", f"input has {len(inputs)} items; give 1 to "
                            f"{self.settings.max_inputs_per_request}")
+        lanes, most = len(inputs) * config.num_beams, self.settings.max_lanes_per_request
+        if lanes > most:
+            raise ApiError(400, "invalid_request", f"{len(inputs)} inputs x num_beams {config.num_beams} = {lanes} "
+                           f"batch lanes; this server takes at most {most} per request: send fewer inputs or beams")
         queue: asyncio.Queue = asyncio.Queue()
-        rows = [self._row(i, text, task, config, body, queue) for i, text in enumerate(inputs)]
-        try:
-            self.batcher.submit(rows)
-        except QueueFull as err:
-            raise ApiError(429, "queue_full", f"server busy ({err}); retry later",
-                           {"Retry-After": str(self.settings.retry_after_s)}) from None
-        except RuntimeError as err:  # stopping
-            raise ApiError(503, "unavailable", str(err)) from None
+        rows = await self.rows(inputs, task, config, body, queue)
+        submit(self.batcher, rows, self.settings.retry_after_s)
         events = self._events(rows, queue, start, None if body.stream else request)
         if body.stream:
             return StreamingResponse(self._sse(body.task, rows, events, start), media_type="text/event-stream",
@@ -67,6 +67,13 @@ class GenerateRoute:
         new = self.settings.default_new_tokens if body.max_new_tokens is None else body.max_new_tokens
         if new > limit:
             raise ApiError(400, "invalid_request", f"max_new_tokens {new} exceeds this server's limit of {limit}")
+        for name, (low, high) in BOUNDS.items():
+            value = getattr(body, name)
+            if value is not None and not low <= value <= high:  # NaN and infinities fail the comparison too
+                raise ApiError(400, "invalid_request", f"{name} must be in [{low}, {high}], got {value!r}")
+        if body.num_beams > self.settings.max_beams:
+            raise ApiError(400, "invalid_request", f"num_beams {body.num_beams} exceeds this server's limit of "
+                           f"{self.settings.max_beams}")
         # every decoding field of the request body is a GenerateConfig field of the same name (schema.py)
         config = GenerateConfig(**{name: getattr(body, name) for name in DECODING_FIELDS}, max_new_tokens=new)
         try:
@@ -89,20 +96,44 @@ class GenerateRoute:
             raise ApiError(404, "unknown_task", f"unknown task {name!r}; loaded tasks: {sorted(self.multi.tasks())}")
         return task
 
+    async def rows(self, inputs: list[str], task: Task, config: GenerateConfig, body: GenerateRequest,
+                   queue: asyncio.Queue) -> list[Row]:
+        """The request's rows; inputs are tokenized in a worker thread, so a long one never stalls the event loop."""
+        prompts = await run_in_threadpool(lambda: [self._prompt(i, text, task) for i, text in enumerate(inputs)])
+        return [self._make_row(i, prompt, task, config, body, queue) for i, prompt in enumerate(prompts)]
+
     def _row(self, index: int, text: str, task: Task, config: GenerateConfig, body: GenerateRequest,
              queue: asyncio.Queue) -> Row:
+        """One row, tokenized on the calling thread (`rows` does a whole request off the event loop)."""
+        return self._make_row(index, self._prompt(index, text, task), task, config, body, queue)
+
+    def _prompt(self, index: int, text: str, task: Task) -> list[int]:
+        """Input `index` as prompt ids (the task's text format applied), or ApiError 400 saying what is wrong."""
         if not text.strip():
             raise ApiError(400, "invalid_request", f"input {index} is empty: every input needs some text")
-        with self.batcher.tokenizer_lock:
-            ids, _ = encode_sources(self.multi.tokenizer, self.multi.base, [text], [task.text_format])
-        if ids.shape[1] > self.settings.max_input_tokens:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # JSON can carry "\ud800"; no tokenizer can
+            raise ApiError(400, "invalid_request", f"input {index} is not valid Unicode: lone surrogate "
+                           f"{text[err.start]!r} at character {err.start}; send UTF-8 text") from None
+        most, chars = self.settings.max_input_tokens, self.batcher.longest_token
+        if len(text) > most * chars:  # cannot fit (unless a normalizer drops characters): refused before the work
+            raise ApiError(400, "input_too_long", f"input {index} has {len(text)} characters, more than {most} "
+                           f"tokens of at most {chars} characters each; this server accepts at most {most} tokens")
+        with self.batcher.encoder_lock:
+            ids, _ = encode_sources(self.batcher.encoder, self.multi.base, [text], [task.text_format])
+        if ids.shape[1] > most:
             raise ApiError(400, "input_too_long", f"input {index} has {ids.shape[1]} tokens; this server accepts at "
-                           f"most {self.settings.max_input_tokens}")
+                           f"most {most}")
+        return ids[0].tolist()
+
+    def _make_row(self, index: int, prompt: list[int], task: Task, config: GenerateConfig, body: GenerateRequest,
+                  queue: asyncio.Queue) -> Row:
         if config.seed is not None:
             config = dataclasses.replace(config, seed=config.seed + index)
         loop = asyncio.get_running_loop()
         emit = lambda kind, data: loop.call_soon_threadsafe(queue.put_nowait, (index, kind, data))  # noqa: E731
-        return Row(task.name, task.prefix, ids[0].tolist(), config, emit, stream=body.stream)
+        return Row(task.name, task.prefix, prompt, config, emit, stream=body.stream)
 
     async def _events(self, rows: list[Row], queue: asyncio.Queue, start: float,
                       request: Request | None) -> AsyncIterator[tuple[int, str, dict]]:

@@ -15,7 +15,6 @@ import torch
 from ..decoding import Request
 from ..config import GenerateConfig
 from ..prefix import PrefixKV
-from .metrics import Metrics
 
 Emit = Callable[[str, dict], None]
 
@@ -62,8 +61,8 @@ class Outbox:
     The tokenizer is shared with the request handlers, so every use holds `lock`.
     """
 
-    def __init__(self, tokenizer, lock: threading.Lock, metrics: Metrics):
-        self.tokenizer, self.lock, self.metrics = tokenizer, lock, metrics
+    def __init__(self, tokenizer, lock: threading.Lock):
+        self.tokenizer, self.lock = tokenizer, lock
         self.eos = tokenizer.eos_token_id
 
     def token(self, row: Row, token: int) -> None:
@@ -80,7 +79,6 @@ class Outbox:
         with self.lock:
             text = self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
         reason = "stop" if row.tokens and row.tokens[-1] == self.eos else "length"
-        self.metrics.add(output_tokens=len(row.tokens))
         self._send(row, "done", {"text": text, "input_tokens": len(row.prompt), "output_tokens": len(row.tokens),
                                  "finish_reason": reason, "queue_ms": 1000 * (row.admitted - row.arrived)})
 

@@ -10,6 +10,7 @@ alone (the engine's guarantee, tested there and in tests/serve/). Models the eng
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -42,7 +43,14 @@ class Batcher:
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
         self.tokenizer_lock = threading.Lock()
         """Held for every tokenizer use: fast tokenizers are not safe to share across threads unguarded."""
-        self.outbox = Outbox(multi.tokenizer, self.tokenizer_lock, metrics)
+        self.outbox = Outbox(multi.tokenizer, self.tokenizer_lock)
+        self.encoder = copy.deepcopy(multi.tokenizer)
+        """The request handlers' own tokenizer: encoding a long input never holds up the worker's decoding."""
+        self.encoder_lock = threading.Lock()
+        """Held for every use of `encoder` (request handlers run in several threads)."""
+        self.longest_token = max(map(len, multi.tokenizer.get_vocab()), default=1)
+        """Characters of the vocabulary's longest token string: an input longer than max_input_tokens times this
+        cannot fit, so it is refused without tokenizing it."""
         self.engine = Engine(multi.base) if Engine.can_run(multi.base) else None
         self._kwargs: dict[tuple, dict] = {}
         self._running: list[Row] = []
@@ -68,7 +76,6 @@ class Batcher:
             if len(self._waiting) + len(rows) > self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} rows are waiting and the queue holds {self.max_queue}")
             self._waiting.extend(rows)
-            self.metrics.add(input_tokens=sum(len(r.prompt) for r in rows))
             self._cond.notify_all()
 
     def cancel(self, rows: list[Row]) -> None:
@@ -120,16 +127,27 @@ class Batcher:
 
     def _run_step_worker(self) -> None:
         while (rows := self._take(stepwise=True)) is not None:
-            self._safely(self.admit, rows, rows + self._running)
-            self._safely(lambda _: self.step(), self._running, self._running)
+            try:
+                self.admit(rows)
+                self.step()
+            except Exception as err:  # not a row's failure (admit and step isolate those): keep the worker alive
+                logger.exception("the step worker failed outside a step")
+                for row in rows + self._running:
+                    self._fail(row, err)
+                self.engine.reset()
+                self._running = []
 
     def _run_static_worker(self) -> None:
         while (rows := self._take(stepwise=False)) is not None:
-            self._safely(self._run_static, rows, rows)
+            self._each_alone(self._run_static, rows)
 
     # --- the engine side ---------------------------------------------------------------------------
-    def _request(self, row: Row) -> Request:
-        """The engine's request for a row: its callbacks send the row's events through the outbox."""
+    def _request(self, row: Row, seed: int | None, replayed: int = 0) -> Request:
+        """The engine's request for a row: its callbacks send the row's events through the outbox.
+
+        `replayed`: tokens the row already streamed before its batch failed; a rerun from the prompt makes
+        the same tokens again (its seed is kept), and those are not sent twice.
+        """
         key = options_key(row.config)
         if key not in self._kwargs:
             with self.tokenizer_lock:  # decoding_kwargs may decode the vocabulary once (newline tokens)
@@ -137,11 +155,19 @@ class Batcher:
             if len(self._kwargs) > 1024:
                 self._kwargs = {key: self._kwargs[key]}
         stream = row.config.num_beams == 1
-        request = Request(row.prompt, row.prefix, self._kwargs[key], row.config.seed,
-                          on_token=(lambda _r, token: self.outbox.token(row, token)) if stream else None,
+        on_token = (lambda r, token: self.outbox.token(row, token) if len(r.tokens) > replayed else None) \
+            if stream else None
+        request = Request(row.prompt, row.prefix, self._kwargs[key], seed, on_token=on_token,
                           on_done=lambda r: self._finished(row, r))
         row.tokens = request.tokens  # the outbox decodes streamed text from the same list
         return request
+
+    @staticmethod
+    def _seed(row: Row) -> int | None:
+        """The row's sampling seed; an unseeded sampling row gets a random one here, so a rerun repeats it."""
+        if row.config.seed is not None or not row.config.do_sample:
+            return row.config.seed
+        return int(torch.randint(0, 2**62, (1,)))
 
     def _finished(self, row: Row, request: Request) -> None:
         row.tokens = request.outputs[0]
@@ -149,33 +175,90 @@ class Batcher:
 
     @torch.no_grad()
     def admit(self, rows: list[Row]) -> None:
-        """Prefill `rows` and join them to the engine's running batch."""
+        """Prefill `rows` and join them to the engine's running batch. A row that cannot join fails alone:
+        the engine's joins are all or nothing, so after a failed join its rows are retried one by one."""
+        ready = []
         for row in rows:
-            row.request = self._request(row)
-        self._running.extend(rows)
-        self.engine.add([row.request for row in rows])
+            try:
+                row.request = self._request(row, self._seed(row))
+                ready.append(row)
+            except Exception as err:  # options the decoding setup refuses: this row only
+                self._fail(row, err)
+        if not ready:
+            return
+        try:
+            self.engine.add([row.request for row in ready])
+            self._running.extend(ready)
+            return
+        except Exception as err:
+            logger.warning("%d rows failed to join the batch together (%s: %s); retrying them one by one",
+                           len(ready), type(err).__name__, err)
+        joined = {id(r) for r in self.engine.requests}
+        for row in ready:
+            if id(row.request) not in joined:
+                try:
+                    self.engine.add([row.request])
+                except Exception as err:
+                    self._fail(row, err)
+                    continue
+            self._running.append(row)
 
     @torch.no_grad()
     def step(self) -> None:
-        """One token for every running row; ended and cancelled rows leave."""
-        if self.engine.groups:
-            self.metrics.observe(self.metrics.batch_rows, len(self.engine.requests))
-            self.engine.step()
+        """One token for every running row; ended and cancelled rows leave. If the step fails, the batch's
+        state cannot be trusted: each of its rows is decoded again from its prompt, alone, so only a row
+        that fails by itself fails."""
+        try:
+            if self.engine.groups:
+                self.metrics.observe(self.metrics.batch_rows, len(self.engine.requests))
+                self.engine.step()
+        except Exception:
+            logger.exception("a step of %d rows failed; decoding each again alone", len(self._running))
+            self._rerun_alone([r for r in self._running if not r.finished and not r.cancelled])
         self._running = [r for r in self._running if not r.finished and not r.cancelled]
+        if not self._running and self.engine.groups:  # only cancelled rows' lanes are left: free them now,
+            self.engine.reset()                        # not at the next request's first step
 
-    def _safely(self, fn: Callable[[list[Row]], None], rows: list[Row], involved: list[Row]) -> None:
-        """Run one batch operation; a failure fails its rows (with the reason) instead of the server."""
-        if not rows:
-            return
+    def _rerun_alone(self, rows: list[Row]) -> None:
+        """Decode each row from its prompt with nothing else in the engine (new rows wait meanwhile).
+
+        The engine decodes a row alone exactly as in any batch, so a rerun gives the row's own answer;
+        the tokens it already streamed are not sent again.
+        """
+        self.engine.reset()
+        for row in rows:
+            try:
+                request = self._request(row, row.request.seed, replayed=len(row.request.tokens))
+                with self._cond:  # a concurrent cancel() must reach the new request
+                    row.request = request
+                    request.cancelled = row.cancelled
+                self.engine.add([request])
+                while self.engine.groups and not self._stopping:
+                    self.engine.step()
+            except Exception as err:
+                self._fail(row, err)
+            self.engine.reset()
+
+    def _each_alone(self, fn: Callable[[list[Row]], None], rows: list[Row]) -> None:
+        """Run one batch operation; if it fails, run it for each row alone, so only a failing row fails."""
         try:
             fn(rows)
+            return
         except Exception as err:
-            logger.exception("batch of %d rows failed", len(involved))
-            for row in list(involved):
-                self.outbox.error(row, f"generation failed: {type(err).__name__}: {err}")
-            if self.engine is not None and any(r in involved for r in self._running):
-                self.engine.reset()
-                self._running = []
+            if len(rows) == 1:
+                self._fail(rows[0], err)
+                return
+            logger.warning("a batch of %d rows failed (%s: %s); retrying them one by one", len(rows),
+                           type(err).__name__, err)
+        for row in rows:
+            try:
+                fn([row])
+            except Exception as err:
+                self._fail(row, err)
+
+    def _fail(self, row: Row, err: Exception) -> None:
+        logger.error("row of task %r failed: %s: %s", row.task, type(err).__name__, err)
+        self.outbox.error(row, f"generation failed: {type(err).__name__}: {err}")
 
     def _take(self, stepwise: bool) -> list[Row] | None:
         """Block until one worker has work: rows joining the step batch (stepwise) or a static group.

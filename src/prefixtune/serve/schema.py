@@ -10,7 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import GenerateConfig
 
-
+BOUNDS: dict[str, tuple[float, float]] = {
+    "temperature": (0.01, 100.0), "top_p": (0.001, 1.0), "length_penalty": (-10.0, 10.0), "seed": (0, 2**63 - 1)}
+"""Accepted range of each numeric option whose limit is not a server setting (checked by routes, both ends
+included; NaN and infinities are refused). A tiny temperature overflows the scaled logits to NaN; a seed
+must fit the random generator's 64 bits after `seed + k` for input k."""
 
 
 class ApiError(Exception):
@@ -22,7 +26,14 @@ class ApiError(Exception):
 
 
 def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    # a message may quote the request, which JSON can give lone surrogates that UTF-8 cannot encode
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
+def _range(name: str) -> str:
+    low, high = BOUNDS[name]
+    return f" {low} to {high}."
 
 
 # --- request and response bodies (the OpenAPI schema) ------------------------------------------------
@@ -34,13 +45,15 @@ class GenerateRequest(BaseModel):
     input: str | list[str] = Field(description="A source text, or a list of them (one output each, in order).")
     max_new_tokens: int | None = Field(None, description="Tokens to generate at most (default and cap: server settings).")
     min_new_tokens: int = Field(0, description="The end-of-text token is blocked before this many tokens.")
-    num_beams: int = Field(1, description="1: greedy or sampling (streamable); more: beam search.")
+    num_beams: int = Field(1, description="1: greedy or sampling (streamable); more: beam search (at most the "
+                           "server's max_beams, and inputs x num_beams at most its max_lanes_per_request).")
     do_sample: bool = Field(False, description="Sample (with num_beams=1) instead of greedy decoding.")
-    temperature: float = Field(1.0, description="Sampling temperature.")
-    top_p: float = Field(1.0, description="Nucleus sampling threshold.")
+    temperature: float = Field(1.0, description="Sampling temperature," + _range("temperature"))
+    top_p: float = Field(1.0, description="Nucleus sampling threshold," + _range("top_p"))
     block_newlines: bool = Field(True, description="Forbid tokens containing a newline (the paper's decoding).")
-    length_penalty: float = Field(1.0, description="Beam search length penalty.")
-    seed: int | None = Field(None, description="Sampling seed; input k of the list samples with seed + k.")
+    length_penalty: float = Field(1.0, description="Beam search length penalty," + _range("length_penalty"))
+    seed: int | None = Field(None, description="Sampling seed; input k of the list samples with seed + k;"
+                             + _range("seed"))
     stream: bool = Field(False, description="Answer with server-sent events: token deltas, then the full result.")
 
 
@@ -74,7 +87,8 @@ class TaskInfo(BaseModel):
     name: str
     prefix_length: int
     num_parameters: int
-    source: str = Field(description="Where the prefix was loaded from ('' when added in memory).")
+    source: str = Field(description="Where the prefix came from, without server paths: 'prefix_dir/NAME' (the "
+                        "prefix directory), 'file' (a --prefix NAME=PATH given at start) or '' (added in memory).")
 
 
 class TaskList(BaseModel):

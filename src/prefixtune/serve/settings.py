@@ -6,13 +6,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..models import DEFAULT_MODEL
 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """Task names (matched in full): a letter or digit, then up to 63 of letters, digits, '_', '.', '-'."""
+LOG_FORMATS = ("text", "json")
+API_KEY_ENV = "PREFIXTUNE_API_KEY"
+"""Environment variable holding the API key (the other way in is --api-key-file)."""
 
 
 @dataclass
@@ -41,18 +44,42 @@ class ServeSettings:
     """Retry-After (seconds) sent with 429."""
     max_body_bytes: int = 1 << 20
     """Largest request body; larger ones are refused with 413 before they are read in full."""
+    body_timeout_s: float = 10.0
+    """A body not received in full within this long (shorter than its Content-Length) is answered 408."""
+    max_beams: int = 8
+    """Largest num_beams a request may ask for: each beam is a batch lane with its own cache."""
+    max_lanes_per_request: int = 64
+    """Inputs times num_beams of one request at most: the batch lanes (and cache) one request may hold."""
     api_key: str | None = None
-    """When set, /v1/* and /metrics need `Authorization: Bearer KEY` or `X-API-Key: KEY`."""
+    """When set, /v1/* and /metrics need `Authorization: Bearer KEY` or `X-API-Key: KEY`. The CLI reads it from
+    --api-key-file or $PREFIXTUNE_API_KEY only: a key on the command line is visible to every user in `ps`."""
     mix_tasks: bool = True
     """False: one task per batch (what an adapter-swapping server does); for comparisons only."""
+    max_tasks: int | None = None
+    """Prefixes kept in memory at most (None: all of prefix_dir, loaded at start); with a bound, tasks load on
+    their first request and the least recently used one is evicted (rows already decoding keep theirs)."""
+    pin: tuple[str, ...] = field(default_factory=tuple)
+    """Tasks of prefix_dir loaded at start and never evicted."""
+    log_format: str = "text"
+    """text: uvicorn's access log; json: one JSON line per generation request (task, route, status, tokens, latency)."""
 
     def validate(self) -> "ServeSettings":
         """Raise ValueError naming the first bad field; return self."""
         for name, low in (("max_batch_size", 1), ("max_queue", 1), ("max_input_tokens", 1), ("max_new_tokens", 1),
                           ("default_new_tokens", 1), ("max_inputs_per_request", 1), ("max_body_bytes", 1),
-                          ("request_timeout_s", 0.001), ("max_wait_ms", 0), ("retry_after_s", 0)):
+                          ("request_timeout_s", 0.001), ("max_wait_ms", 0), ("retry_after_s", 0),
+                          ("body_timeout_s", 0.001), ("max_beams", 1), ("max_lanes_per_request", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"ServeSettings.{name} must be >= {low:g}, got {getattr(self, name)!r}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("ServeSettings.api_key is empty, which would accept any request: set a key or None")
+        if self.max_tasks is not None and self.max_tasks < 1:
+            raise ValueError(f"ServeSettings.max_tasks must be >= 1 or unset, got {self.max_tasks!r}")
+        bad = [name for name in self.pin if not TASK_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"ServeSettings.pin: {bad[0]!r} is not a task name (letters, digits, '_', '.', '-')")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"ServeSettings.log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         if self.default_new_tokens > self.max_new_tokens:
             raise ValueError(f"default_new_tokens ({self.default_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})")
         return self
@@ -64,7 +91,8 @@ _LIMIT_FLAGS = {
     "max_queue": "waiting rows before 429", "max_input_tokens": "longest input, in tokens",
     "max_new_tokens": "cap on a request's max_new_tokens", "default_new_tokens": "max_new_tokens when unset",
     "max_inputs_per_request": "inputs in one request", "request_timeout_s": "504 and cancel after this long",
-    "max_body_bytes": "largest request body",
+    "max_body_bytes": "largest request body", "body_timeout_s": "408 when the body is not in after this long",
+    "max_beams": "largest num_beams of a request", "max_lanes_per_request": "inputs x num_beams of one request",
 }
 """ServeSettings fields that are plain numbers, with their flag help (`--max-batch-size` etc.)."""
 
@@ -78,13 +106,22 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra task from a saved prefix elsewhere (repeatable; wins over DIR/NAME)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=os.environ.get("PREFIXTUNE_API_KEY"),
-                        help="require this key on /v1/* and /metrics (default: $PREFIXTUNE_API_KEY)")
+    parser.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                        help=f"require the key in FILE on /v1/* and /metrics (default: ${API_KEY_ENV}, if set)")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help=f"refused: a key in the command line is visible in ps; use --api-key-file or ${API_KEY_ENV}")
     for name, help_text in _LIMIT_FLAGS.items():
         default = getattr(defaults, name)
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
                             help=f"{help_text} (default {default})")
     parser.add_argument("--one-task-per-batch", action="store_true", help="do not mix tasks in a batch (comparisons)")
+    parser.add_argument("--max-tasks", type=int, default=None, metavar="N",
+                        help="keep at most N prefixes in memory, least recently used evicted; others load on demand "
+                             "(default: all of --prefix-dir, loaded at start)")
+    parser.add_argument("--pin", action="append", default=[], metavar="NAME",
+                        help="keep task NAME of --prefix-dir always loaded (repeatable)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=defaults.log_format,
+                        help="json: one JSON line per generation request on stderr (default text: uvicorn's access log)")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -92,7 +129,27 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     """ServeSettings from parsed `add_cli_arguments` flags (validated)."""
     limits = {name: getattr(args, name) for name in _LIMIT_FLAGS}
-    return ServeSettings(prefix_dir=args.prefix_dir, api_key=args.api_key or None, mix_tasks=not args.one_task_per_batch,
-                         **limits).validate()
+    return ServeSettings(prefix_dir=args.prefix_dir, api_key=_api_key(args), mix_tasks=not args.one_task_per_batch,
+                         max_tasks=args.max_tasks, pin=tuple(args.pin), log_format=args.log_format, **limits).validate()
 
 
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The API key from --api-key-file, else from $PREFIXTUNE_API_KEY; ValueError for a key given in argv or an
+    empty one (an empty key must not silently mean "no authentication")."""
+    if args.api_key is not None:
+        raise ValueError(f"--api-key is refused: a key on the command line is visible to every user of this machine "
+                         f"(ps, /proc); put it in a file and pass --api-key-file FILE, or set ${API_KEY_ENV}")
+    if args.api_key_file is not None:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"--api-key-file {args.api_key_file}: cannot read it ({err})") from None
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty: write the key into it")
+        return key
+    key = os.environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise ValueError(f"${API_KEY_ENV} is set but empty: set it to the key, or unset it to serve without one")
+    return None if key is None else key.strip()

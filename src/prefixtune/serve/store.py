@@ -34,7 +34,30 @@ def load_task(multi: MultiPrefixModel, root: Path, name: str) -> Task:
         raise ApiError(404, "prefix_not_found", f"task {name!r}: no saved prefix in the prefix directory (expected "
                        f"{name}/{checkpoint.CONFIG_NAME} and {name}/{checkpoint.WEIGHTS_NAME})") from None
     except ValueError as err:  # PrefixMismatchError or a damaged prefix; hide server paths
-        raise ApiError(422, "invalid_prefix", f"task {name!r}: " + str(err).replace(str(path), name)) from None
+        raise ApiError(422, "invalid_prefix", f"task {name!r}: " + _hide(str(err), root, name)) from None
+    except Exception as err:  # damage the loader did not name (a reader's own error): still this prefix's fault
+        raise ApiError(422, "invalid_prefix", f"task {name!r}: cannot read its prefix files ({type(err).__name__}: "
+                       f"{_hide(str(err), root, name)}); save or copy the prefix again") from None
+
+
+def _hide(message: str, root: Path, name: str) -> str:
+    """`message` with the prefix directory's paths (as given and resolved) replaced by NAME and DIR."""
+    for task_path, dir_path in ((root.resolve() / name, root.resolve()), (root / name, root)):
+        message = message.replace(str(task_path), name).replace(str(dir_path), "DIR")
+    return message
+
+
+def public_source(task: Task, root: Path | None) -> str:
+    """Where a task came from, as clients may see it (no server paths): 'prefix_dir/NAME' for a task of the
+    prefix directory, 'file' for one loaded from elsewhere (--prefix NAME=PATH), '' for one added in memory."""
+    if not task.source:
+        return ""
+    if root is not None:
+        try:
+            return "prefix_dir/" + Path(task.source).resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:  # not under the prefix directory
+            pass
+    return "file"
 
 
 def load_prefix_dir(multi: MultiPrefixModel, root: Path) -> list[str]:
