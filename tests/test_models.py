@@ -112,3 +112,24 @@ def test_gguf_file_path_loads_as_the_alias_does(tmp_path, monkeypatch):
     ids = tok("name[The Eagle]", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(by_path(ids).logits, alias_model(ids).logits, rtol=0, atol=0)
+
+
+def test_dequantizing_removes_what_killed_dequantizations_left(tmp_path, monkeypatch):
+    """A dequantization killed mid-write leaves a full-size temporary copy: the next one removes those of
+    dead processes and keeps a temporary of a process still writing."""
+    from conftest import byte_tokenizer, tiny_model
+    from prefixtune import artifact, models
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_model("llama"))
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: byte_tokenizer())
+    target = tmp_path / "cache" / "gguf" / "m-0123"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = target.with_name(f".{target.name}.tmp{gone.pid}")
+    live = target.with_name(f".{target.name}.tmp{os.getppid()}")
+    for leftover in (dead, live):
+        leftover.mkdir(parents=True)
+        (leftover / "model.safetensors").write_bytes(b"half-written")
+    assert models._dequantize(tmp_path / "m.gguf", target) == target
+    assert (target / "config.json").is_file() and not artifact.temporary_file(target).exists()
+    assert not dead.exists() and live.exists()

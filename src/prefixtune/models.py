@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from . import _compat
+from . import _compat, artifact
 from .extras import require
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -80,7 +80,7 @@ def _dequantize(gguf: Path, target: Path) -> Path:
     """Write `gguf` dequantized to fp32 into `target`: into a temporary folder renamed when complete, so an
     interrupted first load leaves no broken cache."""
     require("gguf")  # transformers imports it to read the file; without it, one line naming the extra
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    tmp = artifact.temporary_file(target)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -94,6 +94,8 @@ def _dequantize(gguf: Path, target: Path) -> Path:
         os.replace(tmp, target)
     except OSError:  # another process won the race: keep its copy
         shutil.rmtree(tmp, ignore_errors=True)
+    # a dequantization killed mid-write (kill -9 skips every cleanup) leaves a full-size fp32 copy behind
+    artifact.remove_stale(target.parent, (target.name,))
     return target
 
 
