@@ -88,6 +88,7 @@ def test_hub_id_not_in_the_cache_fails_in_one_line_saying_how_to_get_it(tmp_path
 
 
 def test_gguf_path_that_is_missing_or_not_gguf_is_refused_in_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("gguf", reason="reading .gguf files needs the [gguf] extra")
     monkeypatch.setenv("PREFIXTUNE_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ModelNotFoundError, match="GGUF file .*nope.gguf' does not exist"):
         load_base_model(str(tmp_path / "nope.gguf"))
@@ -117,6 +118,7 @@ def test_gguf_file_path_loads_as_the_alias_does(tmp_path, monkeypatch):
 def test_dequantizing_removes_what_killed_dequantizations_left(tmp_path, monkeypatch):
     """A dequantization killed mid-write leaves a full-size temporary copy: the next one removes those of
     dead processes and keeps a temporary of a process still writing."""
+    pytest.importorskip("gguf", reason="dequantizing needs the [gguf] extra")
     from conftest import byte_tokenizer, tiny_model
     from prefixtune import artifact, models
 
