@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import socket
 import statistics
 import subprocess
@@ -78,6 +79,7 @@ def start_server(prefix_dir: Path, args, extra: list[str], model: str | None = N
            "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", str(args.max_batch_size),
            "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning", *extra]
     cmd += ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
+    cmd += shlex.split(args.server_args)
     return subprocess.Popen(cmd), f"http://127.0.0.1:{port}"
 
 
@@ -328,6 +330,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--server-args", default="", help="more `prefixtune serve` flags for every server, e.g. "
+                   "'--device cuda' (one string)")
     p.add_argument("--time-limit-s", type=float, default=150.0, help="per scenario and round")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--many-tasks", action="store_true", help="run the many-tasks scenario instead (tiny model)")

@@ -204,3 +204,21 @@ def test_queue_is_bounded_and_cancel_frees_it():
     assert batcher.queue_depth == 1 and metrics.cancelled_rows == 1
     batcher.submit(rows[2:])
     assert batcher.queue_depth == 3
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])  # the step engine, and the static worker
+@pytest.mark.parametrize("bf16", [False, True])
+def test_every_forward_pass_runs_in_the_servers_precision(family, bf16):
+    """With bf16 every pass of the server (prefill, steps, static generate) runs under bf16 autocast; without,
+    none does (autocast is per thread, so each entry point must enter it)."""
+    multi = _multi(family)
+    seen = []
+    handle = multi.base.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
+    metrics, sink = Metrics(), Collector()
+    batcher = Batcher(multi, metrics, max_batch_size=4, max_wait_s=0.01, max_queue=16, bf16=bf16)
+    cases = [(t, x, GenerateConfig(num_beams=1 + i % 2, max_new_tokens=4, min_new_tokens=4))
+             for i, (t, x, _) in enumerate(_cases(4))]
+    _run_batcher(batcher, _rows(multi, cases, sink, stream=False), sink)
+    handle.remove()
+    assert all(sink.final(i)[0] == "done" for i in range(len(cases)))
+    assert seen and set(seen) == {bf16}

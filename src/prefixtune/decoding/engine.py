@@ -19,6 +19,8 @@ Decoder-only models whose layers can hold a prefix in their cache (no sliding wi
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers import PreTrainedModel
 
@@ -29,6 +31,8 @@ from .cache import merge, prefixed_cache, trim_left
 from .request import Request, left_pad
 from .step import StepGroup
 
+#: model -> whether the engine can run it (Engine.can_run); weak, so a model's entry goes with the model
+_RUNNABLE: "weakref.WeakKeyDictionary[PreTrainedModel, bool]" = weakref.WeakKeyDictionary()
 #: Columns that are padding in every lane are cut once there are at least this many (a full cache copy).
 _TRIM_AT = 32
 
@@ -55,9 +59,12 @@ class Engine:
 
     @staticmethod
     def can_run(base: PreTrainedModel) -> bool:
-        if _compat.is_encoder_decoder(base):
-            return False
-        return not any(getattr(layer, "is_sliding", False) for layer in _compat.new_cache(base).layers)
+        """Decoder-only without sliding-window cache layers; answered once per model (each `generate_ids` call
+        asks, and the answer needs an empty cache built for the model)."""
+        if base not in _RUNNABLE:
+            _RUNNABLE[base] = not _compat.is_encoder_decoder(base) and not any(
+                getattr(layer, "is_sliding", False) for layer in _compat.new_cache(base).layers)
+        return _RUNNABLE[base]
 
     # --- options ------------------------------------------------------------------------------------
     def setup(self, kwargs: dict, prompt_length: int) -> tuple:

@@ -38,8 +38,11 @@ class Batcher:
     """
 
     def __init__(self, multi: MultiPrefixModel, metrics: Metrics, *, max_batch_size: int, max_wait_s: float,
-                 max_queue: int, mix_tasks: bool = True):
+                 max_queue: int, mix_tasks: bool = True, bf16: bool = False):
         self.multi, self.metrics, self.mix_tasks = multi, metrics, mix_tasks
+        self.bf16 = bf16
+        """Every forward pass under bf16 autocast (decided once, at start): faster where bf16 units are, but rows
+        of a batch are then only approximately independent of their neighbours."""
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
         self.tokenizer_lock = threading.Lock()
         """Held for every tokenizer use: fast tokenizers are not safe to share across threads unguarded."""
@@ -142,6 +145,12 @@ class Batcher:
             self._each_alone(self._run_static, rows)
 
     # --- the engine side ---------------------------------------------------------------------------
+    def _precision(self):
+        """The autocast every forward pass of this server runs under (autocast state is per thread, so each
+        entry point that runs the model enters it)."""
+        device = next(self.multi.base.parameters()).device
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
     def _request(self, row: Row, seed: int | None, replayed: int = 0) -> Request:
         """The engine's request for a row: its callbacks send the row's events through the outbox.
 
@@ -186,6 +195,11 @@ class Batcher:
                 self._fail(row, err)
         if not ready:
             return
+        with self._precision():
+            self._join(ready)
+
+    def _join(self, ready: list[Row]) -> None:
+        """Join `ready` together; if that fails, each row alone (a row that fails alone fails by itself)."""
         try:
             self.engine.add([row.request for row in ready])
             self._running.extend(ready)
@@ -208,13 +222,14 @@ class Batcher:
         """One token for every running row; ended and cancelled rows leave. If the step fails, the batch's
         state cannot be trusted: each of its rows is decoded again from its prompt, alone, so only a row
         that fails by itself fails."""
-        try:
-            if self.engine.groups:
-                self.metrics.observe(self.metrics.batch_rows, len(self.engine.requests))
-                self.engine.step()
-        except Exception:
-            logger.exception("a step of %d rows failed; decoding each again alone", len(self._running))
-            self._rerun_alone([r for r in self._running if not r.finished and not r.cancelled])
+        with self._precision():
+            try:
+                if self.engine.groups:
+                    self.metrics.observe(self.metrics.batch_rows, len(self.engine.requests))
+                    self.engine.step()
+            except Exception:
+                logger.exception("a step of %d rows failed; decoding each again alone", len(self._running))
+                self._rerun_alone([r for r in self._running if not r.finished and not r.cancelled])
         self._running = [r for r in self._running if not r.finished and not r.cancelled]
         if not self._running and self.engine.groups:  # only cancelled rows' lanes are left: free them now,
             self.engine.reset()                        # not at the next request's first step
@@ -309,7 +324,8 @@ class Batcher:
             torch.manual_seed(config.seed)
         device = next(self.multi.base.parameters()).device
         ids, mask = left_pad([r.prompt for r in rows], tokenizer.pad_token_id)
-        out = generate_ids(self.multi.base, [r.prefix for r in rows], ids.to(device), mask.to(device), **kwargs)
+        with self._precision():
+            out = generate_ids(self.multi.base, [r.prefix for r in rows], ids.to(device), mask.to(device), **kwargs)
         self.metrics.observe(self.metrics.batch_rows, len(rows))
         enc_dec = _compat.is_encoder_decoder(self.multi.base)
         for row, seq in zip(rows, out.tolist()):
