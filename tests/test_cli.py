@@ -132,3 +132,31 @@ def test_generate_rejects_bad_jsonl_before_loading_the_model(tmp_path, capsys):
 def test_train_help_comes_from_config_docstrings():
     text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     assert "--train-size" in text and "Low-data setting" in text and "--resume" in text
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "evaluate", "serve"])
+def test_every_command_has_every_model_flag_with_its_docstring(command):
+    """ModelConfig's fields, declared once, are flags of every command that loads a model; `train` gets them
+    as TrainConfig's inherited fields, so their help must come from the base class's source."""
+    if command == "serve":
+        pytest.importorskip("fastapi", reason="serve needs the [serve] extra")
+    from prefixtune.cli import _field_docs
+    from prefixtune.config import ModelConfig
+
+    text, docs = _help(command), _field_docs(ModelConfig)
+    for f in dataclasses.fields(ModelConfig):
+        assert f"--{f.name.replace('_', '-')} " in text, (command, f.name)
+        assert docs[f.name].replace("%%", "%") in text, (command, f.name)
+    assert _field_docs(TrainConfig)["device"] == docs["device"] and "train_size" in _field_docs(TrainConfig)
+
+
+def test_model_flags_become_the_model_config(tmp_path):
+    from prefixtune.cli import model_config
+    from prefixtune.config import ModelConfig
+
+    args = build_parser().parse_args(["generate", "--model", "org/m", "--revision", "v2", "--offline",
+                                      "--trust-remote-code", "--device", "cpu", "--dtype", "bfloat16", "--allow-pickle"])
+    assert model_config(args) == ModelConfig("org/m", True, "v2", True, True, "cpu", "bfloat16")
+    assert model_config(build_parser().parse_args(["generate"])) == ModelConfig()
+    train = _config_from(build_parser().parse_args(["train", "--device", "cpu", "--revision", "r"]), TrainConfig)
+    assert (train.device, train.revision, train.model) == ("cpu", "r", "smollm2-135m")

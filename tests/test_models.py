@@ -1,5 +1,5 @@
 """Loading base models offline: local directories, hub ids in the hub cache, .gguf files, clear errors for
-unknown or unsupported models."""
+unknown or unsupported models (downloads: test_hub_download.py; devices and dtypes: test_devices.py)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,12 @@ def test_local_directory_loads_with_pad_token(tmp_path):
 
 
 def test_unknown_model_says_where_it_looked():
-    with pytest.raises(ModelNotFoundError, match="not an alias \\(smollm2-135m\\).*never downloads"):
-        load_base_model("no-such-org/no-such-model-xyz")
+    with pytest.raises(ModelNotFoundError, match="'no-such-org/no-such-model-xyz': no local directory has that name, "
+                                                 "and as a Hugging Face id it is not in the local cache .*offline"):
+        load_base_model("no-such-org/no-such-model-xyz", offline=True)
+    with pytest.raises(ModelNotFoundError, match="not an alias \\(smollm2-135m\\), not a .gguf file, not a local "
+                                                 "directory, and not a valid Hugging Face id"):
+        load_base_model("./no/such/dir")
 
 
 def test_unsupported_model_refused_before_loading_weights(tmp_path):
@@ -83,7 +87,7 @@ def test_hub_id_not_in_the_cache_fails_in_one_line_saying_how_to_get_it(tmp_path
     assert run.returncode == 2, run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
-    assert "'tinyorg/not-cached'" in lines[0] and "huggingface-cli download tinyorg/not-cached" in lines[0]
+    assert "'tinyorg/not-cached'" in lines[0] and "hf download tinyorg/not-cached" in lines[0]
     assert str(tmp_path / "home" / "hub") in lines[0]
 
 

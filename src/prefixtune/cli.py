@@ -15,17 +15,21 @@ import sys
 import typing
 
 from . import allocator
-from .config import GenerateConfig, TrainConfig
+from .config import GenerateConfig, ModelConfig, TrainConfig
 from .extras import MissingExtra, require
 
 
 def _field_docs(cls) -> dict[str, str]:
-    """Attribute docstrings of a dataclass (the string literal right after each field)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body, docs = tree.body[0].body, {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split()).replace("%", "%%")  # argparse formats help
+    """Attribute docstrings of a dataclass (the string literal right after each field), inherited fields
+    included: each class's source holds only its own fields, so the MRO is read base first."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split()).replace("%", "%%")  # argparse formats help
     return docs
 
 
@@ -101,10 +105,10 @@ def cmd_train(args) -> int:
 
 
 def _load_multi(args, prefixes: dict[str, str]):
-    from .models import load_base_model
+    from . import models
     from .multi import MultiPrefixModel
 
-    base, tokenizer = load_base_model(args.model, allow_pickle=args.allow_pickle)
+    base, tokenizer = models.load(model_config(args))
     multi = MultiPrefixModel(base, tokenizer)
     for name, path in prefixes.items():
         multi.add(name, path)
@@ -112,6 +116,7 @@ def _load_multi(args, prefixes: dict[str, str]):
 
 
 def cmd_generate(args) -> int:
+    model_config(args).validate()  # a bad --device or --dtype before stdin is read
     prefixes = _parse_prefixes(args.prefix)
     src = open(args.input) if args.input else sys.stdin
     records = []
@@ -141,6 +146,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_table, prefix_summary
 
     require("metrics")  # before minutes of decoding, not at the scoring step after them
+    model_config(args).validate()
     multi = _load_multi(args, {args.task: args.prefix})
     print(prefix_summary(args.prefix), file=sys.stderr)
     report = evaluate(multi, args.task, args.task, args.split, args.output, _config_from(args, GenerateConfig),
@@ -186,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate for JSONL inputs, any mix of tasks per batch")
-    _add_model_options(p)
+    add_model_options(p)
     p.add_argument("--prefix", action="append", metavar="NAME=DIR", help="a task name and its prefix directory; repeatable")
     p.add_argument("--input", help='JSONL file of {"task": NAME, "input": TEXT} (default: stdin)')
     p.add_argument("--output", help="JSONL output, each input line plus 'output' (default: stdout)")
@@ -194,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("evaluate", help="generate for a split and print its official scores")
-    _add_model_options(p)
+    add_model_options(p)
     p.add_argument("--prefix", required=True, help="prefix directory (a training run's --output)")
     _add_data_options(p)
     p.add_argument("--limit", type=int, help="evaluate only the first N sources (a documented subset)")
@@ -217,10 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    """--model and --allow-pickle, declared once as TrainConfig's fields (`train` gets them from there too)."""
-    _add_dataclass_options(p, TrainConfig, skip=[f.name for f in dataclasses.fields(TrainConfig)
-                                                 if f.name not in ("model", "allow_pickle")])
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model, --revision, --device, --dtype and the rest: ModelConfig's fields, declared once (`train` gets
+    them as TrainConfig's inherited fields, `serve` through its add_cli_arguments)."""
+    _add_dataclass_options(p, ModelConfig)
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The ModelConfig of flags added by `add_model_options`."""
+    return _config_from(args, ModelConfig)
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:

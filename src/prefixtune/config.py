@@ -163,16 +163,92 @@ def _task_choices() -> dict[str, str]:
     return task_help()
 
 
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass
-class TrainConfig:
+class ModelConfig:
+    """The base model every command loads (`train`, `generate`, `evaluate`, `serve` share these flags)."""
+
+    model: str = "smollm2-135m"
+    """Base model: the default alias, a .gguf file, a local directory, or a Hugging Face id (downloaded into
+    the hub cache unless offline; safetensors, config and tokenizer files only)."""
+    allow_pickle: bool = False
+    """Load a base model stored only as pickled PyTorch weights (pytorch_model.bin). Unpickling runs code
+    from the file: only for files you trust. Off: safetensors weights only."""
+    revision: str | None = None
+    """Hub ids: the branch, tag or commit to load (default: main)."""
+    offline: bool = False
+    """Never contact the Hub: a hub id must already be in the local cache (as with HF_HUB_OFFLINE=1)."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code (models transformers does not know). Off: such models are
+    refused; only for repositories you trust."""
+    device: str = "auto"
+    """Where the model runs: auto (the first CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N
+    or mps."""
+    dtype: str = field(default="auto", metadata={"choices": DTYPES})
+    """Weight dtype: auto is float32 on CPU and MPS, bfloat16 on CUDA GPUs that support it (else float16).
+    float16 on CPU is refused (slow, and some CPU kernels lack it): use float32 or bfloat16 there."""
+
+    def validate(self) -> "ModelConfig":
+        """Raise ValueError naming the option and its value (the device and dtype checked against this
+        machine); return self."""
+        resolve_device(self.device)
+        resolve_dtype(self.dtype, self.device)
+        return self
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' where torch sees a GPU, else 'cpu'; other values checked against this machine."""
+    import torch  # here, not at the top: `prefixtune --help` and the configs need no torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError("device 'mps' is not available on this machine (no Apple GPU or this torch "
+                             "lacks MPS): use --device cpu or auto")
+        return device
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} (N a GPU index), got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch sees no CUDA GPU here (torch {torch.__version__}, "
+                         "CUDA build: " f"{torch.version.cuda or 'none'}): use --device cpu or auto")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"indices 0..{torch.cuda.device_count() - 1}")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' -> float32 on CPU/MPS, bfloat16 on CUDA where supported (else float16); float16 on CPU refused."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    device = resolve_device(device)
+    if dtype == "auto":
+        if not device.startswith("cuda"):
+            return "float32"
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if dtype == "float16" and device == "cpu":
+        raise ValueError("dtype 'float16' on device 'cpu' is refused: CPU float16 is slow and some kernels "
+                         "lack it; use --dtype float32 (or bfloat16), or run on a GPU")
+    return dtype
+
+
+@dataclass
+class TrainConfig(ModelConfig):
     """One training run (`prefixtune train`). None means: the task's default from the paper's recipe."""
 
     task: str = field(default="e2e", metadata={"choices": _task_choices})
     """The task: its data, its training defaults (lr, epochs, batch size, prefix length) and its metrics."""
     output: str = "runs/prefix"
     """Run directory: the best prefix (what --prefix takes elsewhere), logs, plot, resume state."""
-    model: str = "smollm2-135m"
-    """Base model: the default alias, a local directory, or a Hugging Face id in the local cache."""
     data_dir: str | None = None
     """Data root; else $PREFIXTUNE_DATA, else ../shared/data."""
     train_file: str | None = None
@@ -225,13 +301,11 @@ class TrainConfig:
     max_nonfinite_steps: int = 3
     """Skip at most this many optimizer steps in a row whose loss or gradient is NaN or infinite (a rare bad
     batch); one more stops training with an error, keeping the best prefix and resume state saved so far."""
-    allow_pickle: bool = False
-    """Load a base model stored only as pickled PyTorch weights (pytorch_model.bin). Unpickling runs code
-    from the file: only for files you trust. Off: safetensors weights only."""
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the option and its value; return self. Options left as None (the task's
         default) are checked once filled in (`train.resolve`)."""
+        super().validate()
         least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "checkpoint_every": 1, "max_steps": 1,
                  "warmup_steps": 0, "max_nonfinite_steps": 0, "max_source_tokens": 1, "max_target_tokens": 1}
         for name, minimum in least.items():
@@ -263,4 +337,5 @@ def from_dict(cls: type, data: dict) -> Any:
     return cls(**data)
 
 
-__all__ = ["PrefixConfig", "TextFormat", "GenerateConfig", "TrainConfig", "to_dict", "from_dict"]
+__all__ = ["PrefixConfig", "TextFormat", "GenerateConfig", "ModelConfig", "TrainConfig", "resolve_device",
+           "resolve_dtype", "to_dict", "from_dict"]

