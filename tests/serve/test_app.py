@@ -343,3 +343,29 @@ def test_cli_arguments(tmp_path, monkeypatch, capsys):
     assert "NAME=PATH" in capsys.readouterr().err
     assert cli_main(parser.parse_args(["--prefix-dir", str(tmp_path / "absent")])) == 2
     assert cli_main(parser.parse_args(["--prefix-dir", str(tmp_path), "--max-queue", "0"])) == 2
+
+
+@pytest.mark.parametrize("mode, measured, expected", [("off", True, False), ("on", False, True),
+                                                       ("auto", True, True), ("auto", False, False)])
+def test_bf16_setting_decides_once_on_a_decoding_step_of_the_batch_size(tmp_path, monkeypatch, mode, measured, expected):
+    """--bf16 on/off are taken as given; auto asks precision on this model's decoding step at max_batch_size rows."""
+    from prefixtune import precision
+
+    asked = []
+
+    def decide(workload):
+        asked.append(workload.key)
+        return SimpleNamespace(bf16=measured)
+
+    monkeypatch.setattr(precision, "decide", decide)
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
+    multi = MultiPrefixModel(tiny_model("llama"), byte_tokenizer())
+    app = create_app(multi, ServeSettings(prefix_dir=tmp_path, max_batch_size=12, bf16=mode))
+    assert app.state.batcher.bf16 is expected
+    assert asked == ([] if mode != "auto" else [asked[0]])
+    assert mode != "auto" or ("decode" in asked[0] and asked[0].endswith(f"rows{precision.shape_bucket(12)}"))
+    with pytest.raises(ValueError, match="bf16 must be one of .* got 'yes'"):
+        ServeSettings(bf16="yes").validate()
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    assert settings_from_args(parser.parse_args(["--prefix-dir", str(tmp_path), "--bf16", "auto"])).bf16 == "auto"

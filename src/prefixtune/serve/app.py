@@ -24,8 +24,11 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..cli import model_config
+from .. import precision
+from ..decoding.api import decode_workload
 from ..extras import needs
-from ..models import load_base_model
+from ..models import load
 from ..multi import MultiPrefixModel, Task
 from .metrics import CONTENT_TYPE, Metrics
 from .openai_routes import OpenAIApi
@@ -114,6 +117,14 @@ async def _next(replay: list[dict], receive) -> dict:
     return replay.pop() if replay else await receive()
 
 
+def _bf16(multi: MultiPrefixModel, settings: ServeSettings) -> bool:
+    """Whether this server runs under bf16 autocast ("auto": timed on a decoding step at max_batch_size rows).
+    The model's weights are left as they are (the caller may use it outside the server too)."""
+    base = multi.base
+    return precision.bf16_wanted(settings.bf16, next(base.parameters()).device,
+                                 decode_workload(base, settings.max_batch_size))
+
+
 def create_app(multi: MultiPrefixModel, settings: ServeSettings) -> FastAPI:
     """The server for `multi` (its tokenizer is required). Loads every prefix in settings.prefix_dir, or with
     `max_tasks` only the pinned ones (the others load on demand).
@@ -128,7 +139,7 @@ def create_app(multi: MultiPrefixModel, settings: ServeSettings) -> FastAPI:
     cache = TaskCache(multi, metrics, root, settings.max_tasks, settings.pin)
     cache.start()
     batcher = Batcher(multi, metrics, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
-                      max_queue=settings.max_queue, mix_tasks=settings.mix_tasks)
+                      max_queue=settings.max_queue, mix_tasks=settings.mix_tasks, bf16=_bf16(multi, settings))
     metrics.bind(batcher, multi)
 
     @contextlib.asynccontextmanager
@@ -214,6 +225,7 @@ def cli_main(args: argparse.Namespace) -> int:
 
     try:
         settings = settings_from_args(args)
+        model_cfg = model_config(args).validate()  # a bad --device or --dtype before minutes of loading
         explicit = [spec.split("=", 1) for spec in args.prefix]
         bad = [s for s, pair in zip(args.prefix, explicit) if len(pair) != 2 or not TASK_NAME.fullmatch(pair[0])]
         if bad:
@@ -225,7 +237,7 @@ def cli_main(args: argparse.Namespace) -> int:
         return 2
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    model, tokenizer = load_base_model(args.model)
+    model, tokenizer = load(model_cfg)
     multi = MultiPrefixModel(model, tokenizer)
     for name, path in explicit:
         multi.add(name, path)
@@ -242,7 +254,9 @@ def cli_main(args: argparse.Namespace) -> int:
         request_logger.propagate = False
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(f"prefixtune serve: WARNING: listening on {args.host} without an API key", file=sys.stderr)
-    print(f"prefixtune serve: {len(multi.tasks())} tasks on http://{args.host}:{args.port} (docs: /docs)", file=sys.stderr)
+    precision_used = "bf16 autocast" if app.state.batcher.bf16 else str(next(model.parameters()).dtype).removeprefix("torch.")
+    print(f"prefixtune serve: {len(multi.tasks())} tasks on http://{args.host}:{args.port} ({precision_used}; "
+          "docs: /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 access_log=settings.log_format != "json")  # the JSON lines replace the access log
     return 0

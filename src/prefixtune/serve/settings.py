@@ -9,11 +9,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models import DEFAULT_MODEL
-
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """Task names (matched in full): a letter or digit, then up to 63 of letters, digits, '_', '.', '-'."""
 LOG_FORMATS = ("text", "json")
+BF16_MODES = ("off", "on", "auto")
 API_KEY_ENV = "PREFIXTUNE_API_KEY"
 """Environment variable holding the API key (the other way in is --api-key-file)."""
 
@@ -60,6 +59,10 @@ class ServeSettings:
     their first request and the least recently used one is evicted (rows already decoding keep theirs)."""
     pin: tuple[str, ...] = field(default_factory=tuple)
     """Tasks of prefix_dir loaded at start and never evicted."""
+    bf16: str = "off"
+    """bf16 autocast for every forward pass: off (each row decodes exactly as it would alone), on, or auto (on
+    where a decoding step of this model at max_batch_size rows is measured faster in bf16, see precision.py).
+    With bf16 a row's output may differ slightly from fp32 and from the same row in another batch."""
     log_format: str = "text"
     """text: uvicorn's access log; json: one JSON line per generation request (task, route, status, tokens, latency)."""
 
@@ -78,6 +81,8 @@ class ServeSettings:
         bad = [name for name in self.pin if not TASK_NAME.fullmatch(name)]
         if bad:
             raise ValueError(f"ServeSettings.pin: {bad[0]!r} is not a task name (letters, digits, '_', '.', '-')")
+        if self.bf16 not in BF16_MODES:
+            raise ValueError(f"ServeSettings.bf16 must be one of {BF16_MODES}, got {self.bf16!r}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"ServeSettings.log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         if self.default_new_tokens > self.max_new_tokens:
@@ -98,9 +103,12 @@ _LIMIT_FLAGS = {
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """All `prefixtune serve` flags."""
+    """All `prefixtune serve` flags; the base model's (--model, --device, ...) are ModelConfig's, as for
+    `generate` and `evaluate`."""
+    from ..cli import add_model_options  # here: cli builds this parser, so it imports this module lazily too
+
     defaults = ServeSettings()
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, local dir or cached HF id (default {DEFAULT_MODEL})")
+    add_model_options(parser)
     parser.add_argument("--prefix-dir", type=Path, required=True, help="directory of tasks: DIR/NAME/ holds a saved prefix")
     parser.add_argument("--prefix", action="append", default=[], metavar="NAME=PATH",
                         help="extra task from a saved prefix elsewhere (repeatable; wins over DIR/NAME)")
@@ -122,6 +130,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep task NAME of --prefix-dir always loaded (repeatable)")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default=defaults.log_format,
                         help="json: one JSON line per generation request on stderr (default text: uvicorn's access log)")
+    parser.add_argument("--bf16", choices=BF16_MODES, default=defaults.bf16,
+                        help="bf16 autocast for every forward pass: faster on GPUs and CPUs with bf16 units, outputs "
+                             "may differ slightly from fp32; auto: on where measured faster (default off)")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -130,7 +141,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     """ServeSettings from parsed `add_cli_arguments` flags (validated)."""
     limits = {name: getattr(args, name) for name in _LIMIT_FLAGS}
     return ServeSettings(prefix_dir=args.prefix_dir, api_key=_api_key(args), mix_tasks=not args.one_task_per_batch,
-                         max_tasks=args.max_tasks, pin=tuple(args.pin), log_format=args.log_format, **limits).validate()
+                         max_tasks=args.max_tasks, pin=tuple(args.pin), log_format=args.log_format, bf16=args.bf16,
+                         **limits).validate()
 
 
 
