@@ -3,12 +3,12 @@
     from prefixtune import PrefixConfig, PrefixTuningModel, MultiPrefixModel, load_base_model
 """
 
-from .config import GenerateConfig, PrefixConfig, TextFormat
+from .config import GenerateConfig, ModelConfig, PrefixConfig, TextFormat
 from .model import PrefixTuningModel
-from .models import DEFAULT_MODEL, load_base_model
+from .models import DEFAULT_MODEL, load, load_base_model
 from .multi import MultiPrefixModel
 from .prefix import PrefixKV
 
 __version__ = "0.1.0"
-__all__ = ["PrefixConfig", "TextFormat", "GenerateConfig", "PrefixTuningModel", "MultiPrefixModel", "PrefixKV",
-           "load_base_model", "DEFAULT_MODEL"]
+__all__ = ["PrefixConfig", "TextFormat", "GenerateConfig", "ModelConfig", "PrefixTuningModel", "MultiPrefixModel",
+           "PrefixKV", "load", "load_base_model", "DEFAULT_MODEL"]
