@@ -94,6 +94,22 @@ def save_tiny(path, family: str = "llama", seed: int = 0) -> str:
     return str(path)
 
 
+def resume_step(run_dir) -> int:
+    """The step of a run directory's resume state (0 while none is written, or while it is being replaced):
+    what a test polls before killing a training run mid-way."""
+    import json
+
+    from safetensors import safe_open
+
+    from prefixtune.resume import STATE_NAME
+
+    try:
+        with safe_open(str(run_dir / STATE_NAME), framework="pt") as f:
+            return json.loads(f.metadata()["counters"])["step"]
+    except Exception:  # not written yet, or being replaced
+        return 0
+
+
 @pytest.fixture
 def tiny_dir(tmp_path):
     return save_tiny(tmp_path / "tiny-llama")

@@ -269,8 +269,8 @@ def _record_saves(monkeypatch) -> list:
         saved.append((None, path.name, path.read_bytes(), load_file(path)))
         return out
 
-    def state(run_dir, model, optimizer, counters):
-        real_state(run_dir, model, optimizer, counters)
+    def state(run_dir, model, optimizer, counters, *rest):
+        real_state(run_dir, model, optimizer, counters, *rest)
         path = Path(run_dir) / resume.STATE_NAME
         saved.append((counters["step"], path.name, path.read_bytes(), load_file(path)))
 

@@ -136,3 +136,21 @@ def test_evaluate_and_train_refuse_an_absent_device_before_loading(command, monk
     assert main([*command, "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "device 'cuda': torch sees no CUDA GPU" in err, err
+
+
+@pytest.mark.parametrize("device, dtype", [(d, "auto") for d in DEVICES] + [("cpu", "bfloat16")])
+def test_train_runs_on_each_device_present_and_saves_an_fp32_prefix(assets, tmp_path, capsys, device, dtype):
+    """The base in --dtype on --device, the prefix trained and saved in fp32 (the optimiser state stays fp32)."""
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(assets / "model"), "--device", device, "--dtype", dtype, "--task", "e2e",
+                 "--train-size", "24", "--batch-size", "8", "--max-steps", "2", "--prefix-length", "2",
+                 "--mlp-hidden", "8", "--lr", "0.01", "--bf16", "off", "--no-progress", "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    prefix = PrefixTuningModel.from_pretrained(tiny_model("llama"), out)
+    values = [t for kv in prefix.prefix_kv().kv.values() for t in kv]
+    assert all(t.dtype == torch.float32 and bool(torch.isfinite(t).all()) for t in values)
+    summary = json.loads((out / "train_summary.json").read_text())
+    expected = resolve_device(device)
+    held = resolve_dtype(dtype, expected)
+    on = "cuda:0" if expected == "cuda" else expected  # torch names a GPU by its index
+    assert summary["steps"] == 2 and summary["base"] == f"{held} on {on}"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import resume_step
 from prefixtune.cli import main
 from prefixtune.config import PrefixConfig, TrainConfig
 from prefixtune.resume import STATE_NAME
@@ -65,24 +65,16 @@ def test_cli_train_loss_falls_then_generate_and_score(tiny_dir, tmp_path, capsys
     assert len((tmp_path / "eval" / "predictions.txt").read_text().splitlines()) == 3
 
 
-def _state_step(out: Path) -> int:
-    try:
-        with safe_open(str(out / STATE_NAME), framework="pt") as f:
-            return json.loads(f.metadata()["counters"])["step"]
-    except Exception:  # not written yet, or being replaced
-        return 0
-
-
 def test_sigkill_then_resume_gives_the_same_prefix(tiny_dir, tmp_path):
     args = ["--epochs", "12", "--checkpoint-every", "1", "--eval-every", "6"]
     full = _run(_train_args(tiny_dir, tmp_path / "full", *args))
     killed = _run(_train_args(tiny_dir, tmp_path / "killed", *args))
     deadline = time.time() + 300
-    while _state_step(tmp_path / "killed") < 7 and killed.poll() is None and time.time() < deadline:
+    while resume_step(tmp_path / "killed") < 7 and killed.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    at_kill = _state_step(tmp_path / "killed")
+    at_kill = resume_step(tmp_path / "killed")
     assert 0 < at_kill < 36, f"the run was not interrupted mid-way (state at step {at_kill})"
     resumed = _run(_train_args(tiny_dir, tmp_path / "killed", *args, "--resume"))
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
@@ -103,11 +95,14 @@ def test_two_process_ddp_equals_one_process(tiny_dir, tmp_path):
     assert single.wait(timeout=600) == 0, single.stdout.read()
     launcher = str(Path(sys.executable).parent / "accelerate")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
-    two = subprocess.run([launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefixtune",
-                          *_train_args(tiny_dir, tmp_path / "two", *args)],
+    # not `--cpu`: accelerate 1.15 then starts a single process whatever --num_processes says; the config file
+    # goes through torchrun, and on a machine without GPUs the processes use gloo
+    two = subprocess.run([launcher, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
+                          "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
+                          "-m", "prefixtune", *_train_args(tiny_dir, tmp_path / "two", *args)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "ddp over 2 processes" in two.stdout + two.stderr  # two processes really ran
     a, b = load_file(tmp_path / "one" / "prefix.safetensors"), load_file(tmp_path / "two" / "prefix.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

@@ -278,6 +278,9 @@ def load(cfg: ModelConfig, device: str | torch.device | None = None):
     `Accelerator.device` in multi-GPU training); cfg.dtype "auto" then follows that device.
     """
     cfg.validate()
-    device = resolve_device(cfg.device if device is None else str(device))
-    return load_base_model(cfg.model, resolve_dtype(cfg.dtype, device), device, cfg.allow_pickle, cfg.revision,
-                           cfg.offline, cfg.trust_remote_code)
+    # a launcher's device is taken as it is (accelerate names a CPU process's device "cpu:0", which is no --device)
+    device = resolve_device(cfg.device) if device is None else str(device)
+    kind = torch.device(device).type
+    dtype = resolve_dtype(cfg.dtype, device if kind == "cuda" else kind)
+    return load_base_model(cfg.model, dtype, device, cfg.allow_pickle, cfg.revision, cfg.offline,
+                           cfg.trust_remote_code)

@@ -1,4 +1,4 @@
-"""Resume state of a training run: trainable parameters, AdamW moments and counters in one file.
+"""Resume state of a training run: trainable parameters, AdamW moments, LR scheduler and counters in one file.
 
 One safetensors file (counters, the run's options and a checksum of its tensors in its metadata) replaced
 atomically, so a run killed at any moment leaves either the previous state or the new one, never a mix.
@@ -40,10 +40,15 @@ class State:
     path: Path
     tensors: dict[str, torch.Tensor]
     counters: dict
+    scheduler: dict | None = None  # the LR scheduler's state_dict; None in states written before it was saved
 
 
-def save_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, counters: dict) -> None:
-    """Write trainable parameters, optimizer state and `counters` (JSON-able) to run_dir.
+def save_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, counters: dict,
+               scheduler=None) -> None:
+    """Write trainable parameters, optimizer state, `counters` (JSON-able) and the LR scheduler's state to run_dir.
+
+    The prefix parameters and their optimizer state are whole on every process in every mode (DDP, FSDP2:
+    see distributed.py), so the main process alone writes them.
 
     Refuses (NonFiniteError, the previous state kept) parameters or moments holding NaN or inf."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -58,8 +63,10 @@ def save_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     artifact.require_finite(tensors, f"refusing to write {target}")
     tmp = artifact.temporary_file(target)
     try:
-        save_file(tensors, str(tmp), metadata={"counters": json.dumps(counters),
-                                               "tensors_digest": artifact.tensors_digest(tensors)})
+        metadata = {"counters": json.dumps(counters), "tensors_digest": artifact.tensors_digest(tensors)}
+        if scheduler is not None:
+            metadata["scheduler"] = json.dumps(scheduler.state_dict())
+        save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -114,12 +121,27 @@ def read_state(run_dir: Path, options: dict) -> State:
     except artifact.NonFiniteError as err:
         raise DamagedStateError(f"{err}; start a new run directory") from None
     _check_options(path, counters.get("options"), options)
-    return State(path, tensors, counters)
+    return State(path, tensors, counters, _scheduler(path, metadata, counters["step"]))
 
 
-def apply_state(state: State, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore a checked state into the model and optimizer; returns its counters. Refuses a state of another
-    model shape before changing anything."""
+def _scheduler(path: Path, metadata: dict, step: int) -> dict | None:
+    """The saved scheduler state, which must sit at the saved step (it is stepped once per optimizer step)."""
+    if "scheduler" not in metadata:
+        return None
+    try:
+        saved = json.loads(metadata["scheduler"])
+    except json.JSONDecodeError:
+        saved = None
+    if not isinstance(saved, dict) or saved.get("last_epoch") != step:
+        found = saved.get("last_epoch", "missing") if isinstance(saved, dict) else "unreadable"
+        raise DamagedStateError(f"--resume: {path} has a scheduler state at step {found!r}, but its counters say "
+                                f"step {step}; the file is damaged: start a new run directory")
+    return saved
+
+
+def apply_state(state: State, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler=None) -> dict:
+    """Restore a checked state into the model, optimizer and LR scheduler (a LambdaLR); returns its counters.
+    Refuses a state of another model shape before changing anything."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     moments = {}
     for name, p in params.items():
@@ -137,4 +159,18 @@ def apply_state(state: State, model: torch.nn.Module, optimizer: torch.optim.Opt
         # AdamW keeps its "step" counter on the CPU unless capturable; moments live with the parameter.
         if moments[name]:
             optimizer.state[p] = {k: t if k == "step" else t.to(p.device) for k, t in moments[name].items()}
+    if scheduler is not None:
+        _restore_scheduler(scheduler, state.scheduler, state.counters["step"])
     return state.counters
+
+
+def _restore_scheduler(scheduler, saved: dict | None, step: int) -> None:
+    """Load the scheduler's state (an older state without one: place it at `step`), then give the optimizer the
+    learning rate of that step: LambdaLR.load_state_dict alone leaves the optimizer at the step-0 rate."""
+    if saved is not None:
+        scheduler.load_state_dict(saved)
+    else:
+        scheduler.last_epoch = step
+        scheduler._last_lr = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr

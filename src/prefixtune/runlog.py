@@ -40,7 +40,8 @@ class RunLog:
     def header(self, cfg, note: str, ptm, bf16: bool, total: int) -> None:
         self.message(f"data: {note}")
         self.message(f"model: {cfg.model} ({ptm.base.config.model_type}, "
-                     f"{sum(p.numel() for p in ptm.base.parameters()) / 1e6:.1f}M parameters, frozen)")
+                     f"{sum(p.numel() for p in ptm.base.parameters()) / 1e6:.1f}M parameters, frozen, "
+                     f"{_where(ptm.base)})")
         n = ptm.num_prefix_parameters()
         self.message(f"prefix: L={ptm.config.prefix_length}, {n:,} parameters ({n * 4 / 1e6:.2f} MB fp32) "
                      f"via {ptm.config.reparam}; training {sum(p.numel() for p in ptm.parameters() if p.requires_grad):,} "
@@ -64,7 +65,7 @@ class RunLog:
         weights = self.dir / WEIGHTS_NAME
         summary = {"steps": counters["step"], "best_dev_loss": counters["best_dev"],
                    "train_seconds": round(counters["elapsed"], 1), "data": note,
-                   "bf16": counters.get("bf16"), "prefix_parameters": ptm.num_prefix_parameters(),
+                   "bf16": counters.get("bf16"), "base": _where(ptm.base), "prefix_parameters": ptm.num_prefix_parameters(),
                    "prefix_bytes": weights.stat().st_size if weights.is_file() else None}
         if self.main:
             (self.dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -97,3 +98,9 @@ class RunLog:
         fig.tight_layout()
         fig.savefig(self.dir / "loss_curve.png", dpi=100)
         plt.close(fig)
+
+
+def _where(base) -> str:
+    """"float32 on cpu": the frozen base's weight dtype and device (--dtype, --device) as this run holds them."""
+    weight = base.get_input_embeddings().weight
+    return f"{str(weight.dtype).removeprefix('torch.')} on {weight.device}"

@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import _compat, precision, resume
+from . import _compat, distributed, models, precision, resume
 from .config import TextFormat, TrainConfig, bf16_mode
 from .data import Encoded, batch_order, collate, encode, row_length, summed_loss, target_tokens
 from .model import PrefixTuningModel
-from .models import load_base_model
 from .runlog import RunLog
 from .tasks import get_task, load_groups, low_data_split, to_examples
 
@@ -112,6 +111,11 @@ class TargetLoss(nn.Module):
         return summed_loss(logits[None], labels[:, 1:][keep][None], shift=False)
 
 
+def schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """`lr_at` as a LambdaLR (a factor of cfg.lr), so that accelerate prepares it and resume restores it."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, total) / cfg.lr)
+
+
 def _autocast(cfg: TrainConfig, acc, counters: dict, workload: precision.Workload):
     """bf16 autocast or not: with "auto", a resumed run's recorded choice (re-measuring must not change a run
     half-way), else the measured one (`workload` is the run's own training step, see precision.py); every
@@ -152,15 +156,18 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     return cfg.lr * max(0.0, (total - step) / max(1, total - cfg.warmup_steps))
 
 
-def dev_loss(loss_fn: TargetLoss, rows: list[Encoded], cfg: TrainConfig, pad_id: int, autocast) -> float:
-    """Token-mean cross-entropy on the dev pairs."""
+def dev_loss(loss_fn: TargetLoss, rows: list[Encoded], cfg: TrainConfig, pad_id: int, autocast,
+             model: nn.Module | None = None) -> float:
+    """Token-mean cross-entropy on the dev pairs; through `model` (the prepared loss_fn) when given: under FSDP
+    the sharded base runs only through its root module, on every process."""
+    model = model or loss_fn
     total, count = 0.0, target_tokens(rows, loss_fn.encoder_decoder)
     device = next(loss_fn.ptm.base.parameters()).device
     rows = sorted(rows, key=row_length)  # less padding; the sum is the same
     with torch.no_grad(), autocast:
         for i in range(0, len(rows), cfg.batch_size):
             batch = collate(rows[i : i + cfg.batch_size], pad_id, loss_fn.encoder_decoder)
-            total += float(loss_fn(**{k: v.to(device) for k, v in batch.items()}))
+            total += float(model(**{k: v.to(device) for k, v in batch.items()}))
     return total / max(1, count)
 
 
@@ -174,16 +181,15 @@ def _step(model, rows, cfg, acc, pad_id, encoder_decoder, autocast) -> float:
         batch = {k: v.to(acc.device) for k, v in collate(mine, pad_id, encoder_decoder).items()}
         with autocast:
             loss = model(**batch)
-        # DDP averages gradients over processes: scale so that the result is sum / global token count.
-        (loss * acc.num_processes / n_tokens).backward()
+        # DDP (and distributed.average_replicated_grads under FSDP) average gradients over processes: scale so
+        # that the result is sum / global token count.
+        acc.backward(loss * acc.num_processes / n_tokens)
         summed += loss.detach()
     return float(acc.reduce(summed, reduction="sum")) / n_tokens
 
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns the summary also written to train_summary.json."""
-    from accelerate import Accelerator
-
     cfg = resolve(cfg)
     out = Path(cfg.output)
     check_output(out)
@@ -191,8 +197,12 @@ def train(cfg: TrainConfig) -> dict:
         raise FileNotFoundError(f"--resume: {out} holds no resume state; start without --resume")
     state = resume.read_state(out, run_options(cfg)) if cfg.resume else None
     train_ex, dev_ex, note = load_training_data(cfg)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    base, tokenizer = load_base_model(cfg.model, device=acc.device, allow_pickle=cfg.allow_pickle)
+    acc = distributed.make_accelerator(cfg.device)
+    if distributed.is_fsdp(acc) and cfg.prefix.reparam == "embedding":
+        raise ValueError("--reparam embedding runs the frozen base twice in every forward (once to compute the "
+                         "prefix), which FSDP2's resharding cannot back-propagate through; train this ablation "
+                         "with DDP (configs/accelerate/ddp.yaml) or on one process")
+    base, tokenizer = models.load(cfg, device=acc.device)  # the launcher's device for this process
     # A copy: the model rewrites its config (L from init_text, reparam "table" once the MLP is dropped).
     ptm = PrefixTuningModel(base, dataclasses.replace(cfg.prefix), tokenizer, TextFormat())
     enc_dec = _compat.is_encoder_decoder(base)
@@ -202,21 +212,28 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"{len(train_rows)} training pairs cannot fill one batch of {cfg.batch_size}; lower --batch-size")
     steps_per_epoch = len(train_rows) // cfg.batch_size
     total = min(cfg.max_steps or math.inf, steps_per_epoch * cfg.epochs)
-    optimizer = torch.optim.AdamW([p for p in ptm.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    # The prefix modules are built on the CPU; prepare moves them for DDP, but FSDP leaves its ignored
+    # (replicated) parameters where they are.
+    ptm.to(acc.device)
+    trainable = [p for p in ptm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = schedule(optimizer, cfg, int(total))
     counters = {"step": 0, "best_dev": None, "bad_evals": 0, "elapsed": 0.0, "nonfinite_steps": 0,
                 "options": run_options(cfg)}
     if state is not None:
-        counters = {**counters, **resume.apply_state(state, ptm, optimizer)}
-    model = acc.prepare(TargetLoss(ptm))
+        counters = {**counters, **resume.apply_state(state, ptm, optimizer, scheduler)}
+    # Timed before prepare: under FSDP the base is whole only until then, and only the main process times it.
     workload = _train_workload(train_rows, cfg, acc.device, tokenizer.pad_token_id, ptm)
     autocast, bf16 = _autocast(cfg, acc, counters, workload)
-    if bf16:  # every forward from here on runs under this autocast
+    if bf16 and not distributed.is_fsdp(acc):  # every forward from here on runs under this autocast
         precision.store_frozen_linears(base)
+    distributed.configure_fsdp(acc, base, trainable)
+    model, optimizer, scheduler = acc.prepare(TargetLoss(ptm), optimizer, scheduler)
     log = RunLog(out, acc.is_main_process, counters["step"] if cfg.resume else None, cfg.progress)
     log.header(cfg, note, ptm, bf16, total)
-    loop = _Loop(cfg, acc, model, ptm, optimizer, counters, log, train_rows, dev_rows, tokenizer.pad_token_id,
-                 autocast, int(total), steps_per_epoch, note)
+    log.message(distributed.describe(acc, model, base))
+    loop = _Loop(cfg, acc, model, ptm, optimizer, scheduler, counters, log, train_rows, dev_rows,
+                 tokenizer.pad_token_id, autocast, int(total), steps_per_epoch, note)
     return loop.run()
 
 
@@ -226,9 +243,10 @@ class _Loop:
 
     cfg: TrainConfig
     acc: object  # accelerate.Accelerator
-    model: nn.Module  # TargetLoss, DDP-wrapped when distributed
+    model: nn.Module  # TargetLoss as accelerate prepared it: itself, DDP-wrapped, or fully_shard-ed (FSDP2)
     ptm: PrefixTuningModel
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer  # accelerate's wrapper over AdamW
+    scheduler: object  # accelerate's wrapper over `schedule` (LambdaLR of lr_at)
     counters: dict  # step, best_dev, bad_evals, elapsed, nonfinite_steps, options, bf16: what a resume restores
     log: RunLog
     train_rows: list[Encoded]
@@ -242,6 +260,7 @@ class _Loop:
     def __post_init__(self) -> None:
         self.enc_dec = _compat.is_encoder_decoder(self.ptm.base)
         self.loss_fn = TargetLoss(self.ptm)
+        self.fsdp = distributed.is_fsdp(self.acc)
         self.eval_every = self.cfg.eval_every or self.steps_per_epoch
         self.lengths = [row_length(r) for r in self.train_rows]
 
@@ -255,11 +274,11 @@ class _Loop:
             epoch, index = divmod(step, self.steps_per_epoch)
             order = batch_order(self.lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
             rows = [self.train_rows[i] for i in order[index * cfg.batch_size : (index + 1) * cfg.batch_size]]
-            lr = lr_at(step, cfg, self.total)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            lr = self.scheduler.get_last_lr()[0]  # lr_at(step)
             loss = _step(self.model, rows, cfg, self.acc, self.pad_id, self.enc_dec, self.autocast)
+            distributed.average_replicated_grads(self.acc, params)
             self._update(params, loss, step + 1, lr)
+            self.scheduler.step()  # skipped updates too: the schedule follows the step count, as lr_at does
             c["step"], c["elapsed"] = step + 1, time.time() - started
             dev = self._maybe_evaluate()
             self.log.step(c["step"], epoch + 1, loss, lr, dev, c["elapsed"], bar)
@@ -281,8 +300,10 @@ class _Loop:
         is skipped); more than max_nonfinite_steps skipped in a row, or an update that makes the
         parameters non-finite, stops training before anything non-finite can be saved."""
         c, cfg = self.counters, self.cfg
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        finite = math.isfinite(loss) and bool(torch.isfinite(norm))
+        norm = self.acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        norm = 0.0 if norm is None else float(norm)  # None: DeepSpeed clips (and checks overflow) itself
+        # every process decides together: one skipping while another steps would diverge or deadlock
+        finite = distributed.all_true(self.acc, math.isfinite(loss) and math.isfinite(norm))
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -293,9 +314,9 @@ class _Loop:
                 f"a row (--max-nonfinite-steps {cfg.max_nonfinite_steps}; loss {loss}, lr {lr:.3g}); {self._kept()}. "
                 "Lower --lr, or check the training data")
         if not finite:
-            self.log.message(f"step {step}: loss {loss}, gradient norm {float(norm)}: update skipped "
+            self.log.message(f"step {step}: loss {loss}, gradient norm {norm}: update skipped "
                              f"({c['nonfinite_steps']} of at most {cfg.max_nonfinite_steps} in a row)")
-        elif not all(bool(torch.isfinite(p).all()) for p in params):
+        elif not distributed.all_true(self.acc, all(bool(torch.isfinite(p).all()) for p in params)):
             raise NonFiniteTrainingError(f"training stopped at step {step}: the update made the prefix parameters "
                                          f"NaN/inf (lr {lr:.3g} is too high); {self._kept()}. Lower --lr")
 
@@ -313,13 +334,14 @@ class _Loop:
         c = self.counters
         if c["step"] % self.eval_every and c["step"] != self.total:
             return None
-        loss = dev_loss(self.loss_fn, self.dev_rows, self.cfg, self.pad_id, self.autocast)
+        loss = dev_loss(self.loss_fn, self.dev_rows, self.cfg, self.pad_id, self.autocast,
+                        self.model if self.fsdp else None)
         if not math.isfinite(loss):  # never the best: a NaN/inf prefix is never saved
             self.log.message(f"step {c['step']}: dev loss {loss}; the prefix is not saved")
             c["bad_evals"] += 1
         elif c["best_dev"] is None or loss < c["best_dev"]:
             c["best_dev"], c["bad_evals"] = loss, 0
-            if self.acc.is_main_process:
+            if self.acc.is_main_process:  # the prefix parameters are whole on every process, FSDP included
                 self.ptm.save_pretrained(self.cfg.output, extra={"training": self._facts(loss)})
         else:
             c["bad_evals"] += 1
@@ -333,4 +355,4 @@ class _Loop:
     def _checkpoint(self) -> None:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            resume.save_state(Path(self.cfg.output), self.ptm, self.optimizer, self.counters)
+            resume.save_state(Path(self.cfg.output), self.ptm, self.optimizer, self.counters, self.scheduler)
