@@ -226,3 +226,29 @@ def test_ablation_variants_train_save_and_generate(tiny_dir, tmp_path, options):
     multi.add("t", out)
     (expected,) = multi.generate(["name[The Eagle]"], ["t"], GenerateConfig(max_new_tokens=5))
     assert isinstance(expected, str) and expected and record["output"] == expected
+
+
+def test_gradient_checkpointing_recomputes_each_layer_and_trains_the_same_prefix(tiny_dir, tmp_path, monkeypatch):
+    """--gradient-checkpointing: every layer's attention runs again in backward (more attention calls for the
+    same steps), and the trained prefix equals the one trained without it (the tiny Llama has no dropout)."""
+    from transformers.models.llama import modeling_llama
+
+    calls = {"n": 0}
+    real = modeling_llama.LlamaAttention.forward  # the layer's own forward is captured when checkpointing is enabled
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", counted)
+    seen = {}
+    for flag in ("--no-gradient-checkpointing", "--gradient-checkpointing"):
+        calls["n"] = 0
+        out = tmp_path / flag
+        assert main(["train", "--model", tiny_dir, "--task", "e2e", "--train-size", "24", "--batch-size", "8",
+                     "--max-steps", "3", "--eval-every", "3", "--prefix-length", "2", "--mlp-hidden", "8",
+                     "--lr", "0.01", "--bf16", "off", "--no-progress", "--output", str(out), flag]) == 0
+        seen[flag] = (calls["n"], load_file(out / "prefix.safetensors"))
+    (plain, a), (ckpt, b) = seen["--no-gradient-checkpointing"], seen["--gradient-checkpointing"]
+    assert ckpt - plain == 3 * 2 * 1  # 3 steps x 2 layers x 1 batch: each layer recomputed once per backward
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -298,6 +298,11 @@ class TrainConfig(ModelConfig):
     """Longer targets are truncated (their final end-of-text kept)."""
     progress: bool = True
     """Show a progress bar."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in backward instead of keeping them: less memory for longer inputs or
+    bigger batches, at the cost of about one more forward pass per step. The recomputation re-enters the prefix
+    (PEFT refuses checkpointing with prefixes). The base model then runs in training mode, which transformers
+    needs to checkpoint: its dropout, if it has any (SmolLM2 has none), applies."""
     max_nonfinite_steps: int = 3
     """Skip at most this many optimizer steps in a row whose loss or gradient is NaN or infinite (a rare bad
     batch); one more stops training with an error, keeping the best prefix and resume state saved so far."""

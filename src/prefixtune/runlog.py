@@ -45,7 +45,8 @@ class RunLog:
         n = ptm.num_prefix_parameters()
         self.message(f"prefix: L={ptm.config.prefix_length}, {n:,} parameters ({n * 4 / 1e6:.2f} MB fp32) "
                      f"via {ptm.config.reparam}; training {sum(p.numel() for p in ptm.parameters() if p.requires_grad):,} "
-                     f"parameters; lr {cfg.lr}, batch {cfg.batch_size}, {total} steps, bf16 autocast {'on' if bf16 else 'off'}")
+                     f"parameters; lr {cfg.lr}, batch {cfg.batch_size}, {total} steps, bf16 autocast {'on' if bf16 else 'off'}"
+                     + (", gradient checkpointing" if getattr(cfg, "gradient_checkpointing", False) else ""))
 
     def progress(self, total: int, initial: int):
         return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not (self.main and self.show_progress),

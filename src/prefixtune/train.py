@@ -205,6 +205,9 @@ def train(cfg: TrainConfig) -> dict:
     base, tokenizer = models.load(cfg, device=acc.device)  # the launcher's device for this process
     # A copy: the model rewrites its config (L from init_text, reparam "table" once the MLP is dropped).
     ptm = PrefixTuningModel(base, dataclasses.replace(cfg.prefix), tokenizer, TextFormat())
+    if cfg.gradient_checkpointing:
+        ptm.enable_gradient_checkpointing()
+        base.train()  # transformers checkpoints only modules in training mode
     enc_dec = _compat.is_encoder_decoder(base)
     train_rows = encode(train_ex, tokenizer, ptm.text_format, enc_dec, cfg.max_source_tokens, cfg.max_target_tokens)
     dev_rows = encode(dev_ex, tokenizer, ptm.text_format, enc_dec, cfg.max_source_tokens, cfg.max_target_tokens)
