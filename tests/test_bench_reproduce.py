@@ -29,8 +29,8 @@ def _write(results: Path, spec, bleu: float) -> None:
 def test_learning_rate_is_the_grid_winner_once_the_grid_is_complete(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path)
     prefix_grid = [s for s in reproduce.grid_runs() if s.method == "prefix"]
-    for spec, bleu in zip(prefix_grid[:-1], (50.0, 60.0)):
-        _write(tmp_path, spec, bleu)
+    for i, spec in enumerate(prefix_grid[:-1]):  # the second rate wins
+        _write(tmp_path, spec, 60.0 if i == 1 else 50.0 - i)
     assert reproduce.chosen_lr("prefix") is None  # one rate still missing
     assert all(s.method != "prefix" or s.experiment == "grid" for s in reproduce.pending(None))
     _write(tmp_path, prefix_grid[-1], 55.0)

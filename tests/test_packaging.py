@@ -12,6 +12,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import torch
 from packaging.requirements import Requirement
 
 import prefixtune
@@ -159,6 +160,8 @@ def test_evaluate_reports_the_missing_metrics_extra_before_loading_a_model(block
 
 
 class _Prefix:
+    base = torch.nn.Linear(1, 1)  # what the summary reads the base's dtype and device from
+
     def num_prefix_parameters(self) -> int:
         return 1
 

@@ -103,5 +103,5 @@ class RunLog:
 
 def _where(base) -> str:
     """"float32 on cpu": the frozen base's weight dtype and device (--dtype, --device) as this run holds them."""
-    weight = base.get_input_embeddings().weight
+    weight = next(base.parameters())  # the embedding: what --dtype set (bf16-stored linears leave it fp32)
     return f"{str(weight.dtype).removeprefix('torch.')} on {weight.device}"
