@@ -61,3 +61,32 @@ def test_peft_import_refuses_other_shape(tmp_path):
 def test_not_a_peft_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a PEFT checkpoint"):
         PrefixTuningModel.from_peft(tiny_model("gpt2"), tmp_path)
+
+
+def test_cli_generate_accepts_a_peft_directory_with_an_explicit_text_format(tmp_path, capsys):
+    """`generate --prefix NAME=PEFT_DIR` runs the imported prefix, its text format the --peft-source-format
+    template (PEFT saves none); the output equals MultiPrefixModel.generate with the imported prefix."""
+    import json
+
+    from conftest import byte_tokenizer, save_tiny
+    from prefixtune import GenerateConfig
+    from prefixtune.cli import main
+    from prefixtune.config import TextFormat
+    from prefixtune.peft_import import load_peft_prefix
+
+    model_dir = save_tiny(tmp_path / "model")
+    _peft_checkpoint("llama", tmp_path / "peft", True)  # the same tiny llama (seed 0) as the saved model
+    (tmp_path / "in.jsonl").write_text(json.dumps({"task": "p", "input": "name[The Eagle]"}) + "\n")
+    fmt = "Q: {input} A:{eos}"
+    argv = ["generate", "--model", model_dir, "--prefix", f"p={tmp_path / 'peft'}", "--input",
+            str(tmp_path / "in.jsonl"), "--num-beams", "1", "--max-new-tokens", "6", "--min-new-tokens", "6"]
+    assert main([*argv, "--peft-source-format", fmt]) == 0
+    got = json.loads(capsys.readouterr().out)["output"]
+    multi = MultiPrefixModel(tiny_model("llama"), byte_tokenizer())
+    multi.add("p", load_peft_prefix(tmp_path / "peft", multi.base, multi.shapes), TextFormat(source=fmt))
+    config = GenerateConfig(num_beams=1, max_new_tokens=6, min_new_tokens=6)
+    assert got == multi.generate(["name[The Eagle]"], ["p"], config)[0]
+    multi.add("p", load_peft_prefix(tmp_path / "peft", multi.base, multi.shapes))  # the default format differs
+    assert got != multi.generate(["name[The Eagle]"], ["p"], config)[0]
+    assert main([*argv, "--peft-source-format", "no input field"]) == 2
+    assert "must contain '{input}'" in capsys.readouterr().err

@@ -108,10 +108,14 @@ def _load_multi(args, prefixes: dict[str, str]):
     from . import models
     from .multi import MultiPrefixModel
 
+    from .config import TextFormat
+    from .peft_import import is_peft_checkpoint
+
+    peft_format = TextFormat(source=args.peft_source_format).validate()  # before minutes of loading
     base, tokenizer = models.load(model_config(args))
     multi = MultiPrefixModel(base, tokenizer)
     for name, path in prefixes.items():
-        multi.add(name, path)
+        multi.add(name, path, peft_format if is_peft_checkpoint(path) else None)
     return multi
 
 
@@ -193,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate for JSONL inputs, any mix of tasks per batch")
     add_model_options(p)
-    p.add_argument("--prefix", action="append", metavar="NAME=DIR", help="a task name and its prefix directory; repeatable")
+    p.add_argument("--prefix", action="append", metavar="NAME=DIR",
+                   help="a task name and its prefix directory (or PEFT PrefixTuning checkpoint); repeatable")
+    _add_peft_format_option(p)
     p.add_argument("--input", help='JSONL file of {"task": NAME, "input": TEXT} (default: stdin)')
     p.add_argument("--output", help="JSONL output, each input line plus 'output' (default: stdout)")
     _add_dataclass_options(p, GenerateConfig)
@@ -201,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="generate for a split and print its official scores")
     add_model_options(p)
-    p.add_argument("--prefix", required=True, help="prefix directory (a training run's --output)")
+    p.add_argument("--prefix", required=True, help="prefix directory (a training run's --output, or a PEFT "
+                   "PrefixTuning checkpoint)")
+    _add_peft_format_option(p)
     _add_data_options(p)
     p.add_argument("--limit", type=int, help="evaluate only the first N sources (a documented subset)")
     p.add_argument("--output", required=True, help="directory for predictions.txt and scores.json")
@@ -227,6 +235,16 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """--model, --revision, --device, --dtype and the rest: ModelConfig's fields, declared once (`train` gets
     them as TrainConfig's inherited fields, `serve` through its add_cli_arguments)."""
     _add_dataclass_options(p, ModelConfig)
+
+
+def _add_peft_format_option(p: argparse.ArgumentParser) -> None:
+    from .config import TextFormat
+
+    default = TextFormat().source
+    p.add_argument("--peft-source-format", default=default, metavar="TEMPLATE",
+                   help="source template of --prefix directories that are PEFT PrefixTuning checkpoints (PEFT saves "
+                        "no text format); must contain {input}; {eos} is the tokenizer's end-of-text token "
+                        f"(default: {default!r}). Saved prefixtune prefixes keep their own.")
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:

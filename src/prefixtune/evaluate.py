@@ -54,7 +54,12 @@ def evaluate(multi: MultiPrefixModel, task_name: str, task: str, split: str, out
 
 
 def prefix_summary(prefix_dir: str | Path) -> str:
-    """One line on a saved prefix: size and how it was trained."""
+    """One line on a saved prefix: size and how it was trained (for a PEFT checkpoint: its file and size)."""
+    from .peft_import import is_peft_checkpoint
+
+    if is_peft_checkpoint(prefix_dir):
+        weights = Path(prefix_dir) / "adapter_model.safetensors"
+        return f"prefix {prefix_dir}: a PEFT PrefixTuning checkpoint, {weights.stat().st_size:,} bytes"
     meta = read_meta(prefix_dir)
     size = (Path(prefix_dir) / "prefix.safetensors").stat().st_size
     training = meta.get("training", {})

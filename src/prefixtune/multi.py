@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from . import checkpoint, inject
 from .config import GenerateConfig, TextFormat
 from .decoding import generate_ids, generate_texts
+from .peft_import import is_peft_checkpoint, load_peft_prefix
 from .prefix import PrefixKV
 
 
@@ -45,7 +46,9 @@ class MultiPrefixModel:
 
     # --- the task table --------------------------------------------------------------------------
     def add(self, name: str, prefix: "PrefixKV | str | os.PathLike", text_format: TextFormat | None = None) -> Task:
-        """Add or replace task `name` from a saved prefix directory or a PrefixKV."""
+        """Add or replace task `name` from a saved prefix directory, a PEFT PrefixTuning checkpoint directory
+        (adapter_config.json + adapter_model.safetensors) or a PrefixKV. `text_format` overrides a saved
+        prefix's own; PEFT checkpoints and PrefixKVs have none, so theirs is `text_format` or the default."""
         if not name or not isinstance(name, str):
             raise ValueError(f"task name must be a non-empty string, got {name!r}")
         if isinstance(prefix, PrefixKV):
@@ -55,6 +58,8 @@ class MultiPrefixModel:
                     f"has [{checkpoint.describe_shapes(self.shapes)}]"
                 )
             task = Task(name, prefix.detach(), text_format or TextFormat())
+        elif is_peft_checkpoint(prefix):  # PEFT saves no text format: the caller's, else the default
+            task = Task(name, load_peft_prefix(prefix, self.base, self.shapes), text_format or TextFormat(), str(prefix))
         else:
             loaded = checkpoint.load_for(prefix, self.base, self.shapes)
             task = Task(name, loaded.prefix, text_format or loaded.text_format, str(prefix))

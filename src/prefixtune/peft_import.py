@@ -19,6 +19,12 @@ from .checkpoint import PrefixMismatchError, describe_shapes
 from .prefix import PrefixKV, unflatten
 
 
+def is_peft_checkpoint(directory: str | os.PathLike) -> bool:
+    """A PEFT adapter directory (adapter_config.json) that is not also a saved prefixtune prefix."""
+    directory = Path(directory)
+    return (directory / "adapter_config.json").is_file() and not (directory / "prefix_config.json").is_file()
+
+
 def load_peft_prefix(directory: str | os.PathLike, base, shapes) -> PrefixKV:
     """Read adapter_config.json + adapter_model.safetensors; check they fit `base` (attention `shapes`)."""
     directory = Path(directory)
