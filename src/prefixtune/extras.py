@@ -28,7 +28,7 @@ runtime package (starlette and pydantic come with fastapi, and our modules impor
 
 FEATURES = {"serve": "`prefixtune serve`", "metrics": "scoring with the official metrics",
             "plots": "the loss-curve plot", "gguf": "loading a GGUF model (the default smollm2-135m)",
-            "ray": "running with ray"}
+            "ray": "serving replicas on Ray Serve (`prefixtune serve --ray`)"}
 """extra -> what a user was doing when it was found missing (the start of the error message)."""
 
 

@@ -7,6 +7,7 @@
 - openai_routes.py, openai_schema.py, openai_choices.py: /v1/models, /v1/completions, /v1/chat/completions;
 - scheduler.py: the queue and the worker that feeds the decoding engine (decoding/); rows.py: a request's
   rows and their events; store.py: the prefix directory; taskcache.py: the resident tasks (--max-tasks);
+  storewatch.py: prefixes added/replaced/deleted on disk (--store-poll-s); ray_serve.py: --ray --replicas N;
   metrics.py: Prometheus metrics (prometheus_client); requestlog.py: per-request counting and JSON log lines.
 """
 

@@ -39,6 +39,7 @@ from .schema import ERRORS, ApiError, GenerateResponse, TaskInfo, TaskList, _err
 from .served_route import ServedRoute
 from .settings import TASK_NAME, ServeSettings, settings_from_args
 from .store import public_source
+from .storewatch import StoreWatch
 from .taskcache import TaskCache
 
 logger = logging.getLogger("prefixtune.serve")
@@ -136,8 +137,11 @@ def create_app(multi: MultiPrefixModel, settings: ServeSettings) -> FastAPI:
         raise ValueError("serving needs MultiPrefixModel(base, tokenizer)")
     metrics = Metrics()
     root = None if settings.prefix_dir is None else Path(settings.prefix_dir)
+    if settings.store_poll_s and root is None:
+        raise ValueError(f"store_poll_s={settings.store_poll_s:g} watches the prefix directory: set prefix_dir, or 0")
     cache = TaskCache(multi, metrics, root, settings.max_tasks, settings.pin)
     cache.start()
+    watch = StoreWatch(cache, settings.store_poll_s) if settings.store_poll_s else None
     batcher = Batcher(multi, metrics, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
                       max_queue=settings.max_queue, mix_tasks=settings.mix_tasks, bf16=_bf16(multi, settings))
     metrics.bind(batcher, multi)
@@ -145,12 +149,17 @@ def create_app(multi: MultiPrefixModel, settings: ServeSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         batcher.start()
+        if watch is not None:
+            watch.start()
         yield
+        if watch is not None:
+            await run_in_threadpool(watch.stop)
         await run_in_threadpool(batcher.stop)
 
     app = FastAPI(title="prefixtune", lifespan=lifespan, responses={401: ERRORS[401]},
                   description="Many prefix-tuned tasks served from one frozen model, mixed in every batch.")
     app.state.batcher, app.state.metrics, app.state.settings, app.state.tasks = batcher, metrics, settings, cache
+    app.state.watch, app.state.health_extra = watch, {}  # health_extra: fields a host adds to /health (ray_serve)
     app.add_middleware(_Gate, settings=settings)
     app.add_middleware(RequestLog, metrics=metrics, log_json=settings.log_format == "json")  # outermost
     _add_error_handlers(app)
@@ -187,7 +196,7 @@ def _ops_routes(app: FastAPI, multi: MultiPrefixModel, batcher: Batcher, metrics
     @app.get("/health", summary="Liveness and load (for load balancers)")
     async def health() -> JSONResponse:
         body = {"status": "ok" if batcher.alive else "worker_stopped", "tasks": len(multi.tasks()),
-                "queue_depth": batcher.queue_depth, "active_rows": batcher.active_rows}
+                "queue_depth": batcher.queue_depth, "active_rows": batcher.active_rows, **app.state.health_extra}
         return JSONResponse(body, status_code=200 if batcher.alive else 503)
 
     @app.get("/metrics", response_class=Response, summary="Prometheus metrics")
@@ -216,47 +225,62 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(err.status_code, kind, str(err.detail))
 
 
-def cli_main(args: argparse.Namespace) -> int:
-    """`prefixtune serve`: load the model and prefixes, then serve until interrupted. Returns the exit code."""
+def build_app(args: argparse.Namespace) -> FastAPI:
+    """The app of parsed `prefixtune serve` flags: settings, base model, --prefix tasks and the prefix directory
+    (what every Ray Serve replica runs too). Raises ValueError for a bad flag, before loading where it can."""
     import torch
 
-    with needs("serve"):
-        import uvicorn
-
-    try:
-        settings = settings_from_args(args)
-        model_cfg = model_config(args).validate()  # a bad --device or --dtype before minutes of loading
-        explicit = [spec.split("=", 1) for spec in args.prefix]
-        bad = [s for s, pair in zip(args.prefix, explicit) if len(pair) != 2 or not TASK_NAME.fullmatch(pair[0])]
-        if bad:
-            raise ValueError(f"--prefix wants NAME=PATH with a valid task name, got {bad[0]!r}")
-        if not Path(args.prefix_dir).is_dir():
-            raise ValueError(f"--prefix-dir {args.prefix_dir} is not a directory")
-    except ValueError as err:
-        print(f"prefixtune serve: {err}", file=sys.stderr)
-        return 2
+    settings = settings_from_args(args)
+    model_cfg = model_config(args).validate()  # a bad --device or --dtype before minutes of loading
+    explicit = [spec.split("=", 1) for spec in args.prefix]
+    bad = [s for s, pair in zip(args.prefix, explicit) if len(pair) != 2 or not TASK_NAME.fullmatch(pair[0])]
+    if bad:
+        raise ValueError(f"--prefix wants NAME=PATH with a valid task name, got {bad[0]!r}")
+    if not Path(args.prefix_dir).is_dir():
+        raise ValueError(f"--prefix-dir {args.prefix_dir} is not a directory")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     model, tokenizer = load(model_cfg)
     multi = MultiPrefixModel(model, tokenizer)
     for name, path in explicit:
         multi.add(name, path)
+    return create_app(multi, settings)  # ValueError: a pin that cannot load, --max-tasks too small for the pins
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """`prefixtune serve`: load the model and prefixes, then serve until interrupted. Returns the exit code."""
+    with needs("serve"):
+        import uvicorn
+
+    if getattr(args, "ray", False):
+        from .ray_serve import cli_main_ray  # imports ray (the [ray] extra) only on this path
+
+        return cli_main_ray(args)
     try:
-        app = create_app(multi, settings)
-    except ValueError as err:  # a pin that cannot load, or --max-tasks too small for the pins
+        app = build_app(args)
+    except ValueError as err:
         print(f"prefixtune serve: {err}", file=sys.stderr)
         return 2
+    settings = app.state.settings
+    _json_log_lines(settings)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        print(f"prefixtune serve: WARNING: listening on {args.host} without an API key", file=sys.stderr)
+    print(f"prefixtune serve: {len(app.state.tasks.multi.tasks())} tasks on http://{args.host}:{args.port} "
+          f"({precision_of(app)}; docs: /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                access_log=settings.log_format != "json")  # the JSON lines replace the access log
+    return 0
+
+
+def precision_of(app: FastAPI) -> str:
+    base = app.state.tasks.multi.base
+    return "bf16 autocast" if app.state.batcher.bf16 else str(next(base.parameters()).dtype).removeprefix("torch.")
+
+
+def _json_log_lines(settings: ServeSettings) -> None:
     if settings.log_format == "json":
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         request_logger.addHandler(handler)
         request_logger.setLevel(logging.INFO)
         request_logger.propagate = False
-    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
-        print(f"prefixtune serve: WARNING: listening on {args.host} without an API key", file=sys.stderr)
-    precision_used = "bf16 autocast" if app.state.batcher.bf16 else str(next(model.parameters()).dtype).removeprefix("torch.")
-    print(f"prefixtune serve: {len(multi.tasks())} tasks on http://{args.host}:{args.port} ({precision_used}; "
-          "docs: /docs)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                access_log=settings.log_format != "json")  # the JSON lines replace the access log
-    return 0

@@ -13,6 +13,8 @@ TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """Task names (matched in full): a letter or digit, then up to 63 of letters, digits, '_', '.', '-'."""
 LOG_FORMATS = ("text", "json")
 BF16_MODES = ("off", "on", "auto")
+RAY_STORE_POLL_S = 2.0
+"""--store-poll-s under --ray when not given."""
 API_KEY_ENV = "PREFIXTUNE_API_KEY"
 """Environment variable holding the API key (the other way in is --api-key-file)."""
 
@@ -65,13 +67,18 @@ class ServeSettings:
     With bf16 a row's output may differ slightly from fp32 and from the same row in another batch."""
     log_format: str = "text"
     """text: uvicorn's access log; json: one JSON line per generation request (task, route, status, tokens, latency)."""
+    store_poll_s: float = 0.0
+    """Every this many seconds, look for prefixes added, replaced or deleted in prefix_dir (the mtime and size of
+    each NAME/prefix_config.json and its weights) and load, reload or unload them; 0: never (PUT/DELETE only).
+    Replicas that share one prefix directory (`--ray`) see a change within about this long, plus the load."""
 
     def validate(self) -> "ServeSettings":
         """Raise ValueError naming the first bad field; return self."""
         for name, low in (("max_batch_size", 1), ("max_queue", 1), ("max_input_tokens", 1), ("max_new_tokens", 1),
                           ("default_new_tokens", 1), ("max_inputs_per_request", 1), ("max_body_bytes", 1),
                           ("request_timeout_s", 0.001), ("max_wait_ms", 0), ("retry_after_s", 0),
-                          ("body_timeout_s", 0.001), ("max_beams", 1), ("max_lanes_per_request", 1)):
+                          ("body_timeout_s", 0.001), ("max_beams", 1), ("max_lanes_per_request", 1),
+                          ("store_poll_s", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"ServeSettings.{name} must be >= {low:g}, got {getattr(self, name)!r}")
         if self.api_key is not None and not self.api_key.strip():
@@ -133,6 +140,15 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", choices=BF16_MODES, default=defaults.bf16,
                         help="bf16 autocast for every forward pass: faster on GPUs and CPUs with bf16 units, outputs "
                              "may differ slightly from fp32; auto: on where measured faster (default off)")
+    parser.add_argument("--store-poll-s", type=float, default=None, metavar="S",
+                        help="reload prefixes added, replaced or deleted in --prefix-dir every S seconds; 0: never "
+                             f"(default {RAY_STORE_POLL_S:g} with --ray, else 0)")
+    parser.add_argument("--ray", action="store_true",
+                        help="serve --replicas copies of this server behind Ray Serve's HTTP proxy on --host/--port "
+                             "(needs the [ray] extra)")
+    parser.add_argument("--replicas", type=int, default=1, metavar="N", help="Ray Serve replicas (with --ray; default 1)")
+    parser.add_argument("--replica-cpus", type=float, default=1.0, metavar="C",
+                        help="CPUs Ray reserves for each replica (with --ray; default 1)")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -140,10 +156,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     """ServeSettings from parsed `add_cli_arguments` flags (validated)."""
     limits = {name: getattr(args, name) for name in _LIMIT_FLAGS}
+    ray = getattr(args, "ray", False)
+    if not ray and (getattr(args, "replicas", 1) != 1 or getattr(args, "replica_cpus", 1.0) != 1.0):
+        raise ValueError(f"--replicas {args.replicas} / --replica-cpus {args.replica_cpus} need --ray")
+    if ray and args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    poll = getattr(args, "store_poll_s", None)
+    if poll is None:  # replicas share the directory and PUT/DELETE reach only one of them: watch by default
+        poll = RAY_STORE_POLL_S if ray else 0.0
     return ServeSettings(prefix_dir=args.prefix_dir, api_key=_api_key(args), mix_tasks=not args.one_task_per_batch,
                          max_tasks=args.max_tasks, pin=tuple(args.pin), log_format=args.log_format, bf16=args.bf16,
-                         **limits).validate()
-
+                         store_poll_s=poll, **limits).validate()
 
 
 

@@ -111,6 +111,33 @@ class TaskCache:
             self._order.pop(name, None)
             self._retired.add(name)
 
+    # --- changes on disk (storewatch.StoreWatch) -----------------------------------------------------
+    def refresh(self, name: str) -> bool:
+        """`root`/name was added or replaced on disk: reload it if it is resident from there, load it if every task
+        of the directory is kept (no max_tasks); else leave it to load on demand. Whether it was (re)loaded.
+
+        A task DELETEd through the API, or one given with --prefix NAME=PATH, is left alone (both were chosen
+        by hand). Raises ApiError when the files cannot be loaded (half written): the old task stays."""
+        with self._loading:
+            task = self.resident(name)
+            if name in self._retired or (task is not None and not self._reloadable(name, task)):
+                return False
+            if task is None and self.max_tasks is not None:
+                return False
+            self.load(name)
+            return True
+
+    def forget(self, name: str) -> bool:
+        """`root`/name was deleted on disk: unload it if it came from there (not retired: it loads again once
+        its files are back). Whether it was unloaded."""
+        with self._loading, self._lock:
+            task = self.resident(name)
+            if task is None or not self._reloadable(name, task) or name in self.pins:
+                return False
+            self.multi.remove(name)
+            self._order.pop(name, None)
+            return True
+
     # --- internals ---------------------------------------------------------------------------------
     def _hit(self, name: str) -> Task | None:
         with self._lock:
