@@ -27,8 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train_args(model_dir, out, *extra):
+    # --bf16 off: with "auto", runs compared with each other could each time bf16 on a busy machine and decide
+    # differently (a flaky comparison of two precisions); a test of precision passes --bf16 itself (last wins)
     return ["train", "--task", "e2e", "--model", model_dir, "--output", str(out), "--train-size", "24",
-            "--batch-size", "8", "--prefix-length", "4", "--mlp-hidden", "32", "--lr", "0.01", "--no-progress", *extra]
+            "--batch-size", "8", "--prefix-length", "4", "--mlp-hidden", "32", "--lr", "0.01", "--bf16", "off",
+            "--no-progress", *extra]
 
 
 def _run(args, **kw):
