@@ -37,7 +37,7 @@ from .requestlog import logger as request_logger
 from .scheduler import Batcher
 from .schema import ERRORS, ApiError, GenerateResponse, TaskInfo, TaskList, _error
 from .served_route import ServedRoute
-from .settings import TASK_NAME, ServeSettings, settings_from_args
+from .settings import TASK_NAME, ServeSettings, settings_from_args, warn_if_exposed
 from .store import public_source
 from .storewatch import StoreWatch
 from .taskcache import TaskCache
@@ -263,8 +263,7 @@ def cli_main(args: argparse.Namespace) -> int:
         return 2
     settings = app.state.settings
     _json_log_lines(settings)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
-        print(f"prefixtune serve: WARNING: listening on {args.host} without an API key", file=sys.stderr)
+    warn_if_exposed(args.host, settings)
     print(f"prefixtune serve: {len(app.state.tasks.multi.tasks())} tasks on http://{args.host}:{args.port} "
           f"({precision_of(app)}; docs: /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -165,15 +165,14 @@ def init_ray(address: str | None = None, **ray_init_kwargs) -> None:
 
 def cli_main_ray(args: argparse.Namespace) -> int:
     """`prefixtune serve --ray`: start (or join, with $RAY_ADDRESS) Ray, deploy, serve until interrupted."""
-    from .settings import settings_from_args
+    from .settings import settings_from_args, warn_if_exposed
 
     try:
         settings = settings_from_args(args)  # bad flags fail here, not N times in replicas
     except ValueError as err:
         print(f"prefixtune serve: {err}", file=sys.stderr)
         return 2
-    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
-        print(f"prefixtune serve: WARNING: listening on {args.host} without an API key", file=sys.stderr)
+    warn_if_exposed(args.host, settings)
     init_ray(os.environ.get("RAY_ADDRESS"))
     try:
         serve.start(http_options=http_options(args))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,3 +189,9 @@ def _api_key(args: argparse.Namespace) -> str | None:
     if key is not None and not key.strip():
         raise ValueError(f"${API_KEY_ENV} is set but empty: set it to the key, or unset it to serve without one")
     return None if key is None else key.strip()
+
+
+def warn_if_exposed(host: str, settings: ServeSettings) -> None:
+    """A server reachable from other machines without an API key is allowed, but said out loud."""
+    if host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        print(f"prefixtune serve: WARNING: listening on {host} without an API key", file=sys.stderr)
