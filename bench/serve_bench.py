@@ -79,7 +79,7 @@ def start_server(prefix_dir: Path, args, extra: list[str], model: str | None = N
            "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", str(args.max_batch_size),
            "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning", *extra]
     cmd += ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
-    cmd += shlex.split(args.server_args)
+    cmd += shlex.split(getattr(args, "server_args", ""))  # soak.py shares start_server without the flag
     return subprocess.Popen(cmd), f"http://127.0.0.1:{port}"
 
 
