@@ -30,7 +30,7 @@ from e2e_main import machine  # noqa: E402
 
 from prefixtune.config import GenerateConfig  # noqa: E402
 from prefixtune.decoding import decoding_kwargs, encode_sources, generate_ids  # noqa: E402
-from prefixtune.models import load_base_model  # noqa: E402
+from prefixtune.base_model import load_base_model  # noqa: E402
 from prefixtune.multi import MultiPrefixModel  # noqa: E402
 from prefixtune.tasks import load_groups  # noqa: E402
 

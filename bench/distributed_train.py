@@ -69,7 +69,7 @@ def _workers(root: psutil.Process, single: bool) -> list[psutil.Process]:
 def run_mode(mode: str, procs: int, threads: int, launch: list[str], model: str, out: Path, steps: int) -> dict:
     args = ["-m", "prefixtune", "train", "--task", "e2e", "--model", model, "--output", str(out), "--train-size", "48",
             "--batch-size", "8", "--prefix-length", "10", "--lr", "5e-5", "--bf16", "off", "--no-progress",
-            "--max-steps", str(steps), "--epochs", "100", "--eval-every", "1000", "--checkpoint-every", "1000"]
+            "--max-steps", str(steps), "--epochs", "100", "--eval-every", "1000", "--resume-every", "1000"]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, *args] if procs == 1 else [
         str(LAUNCHER), "launch", *launch, "--num_processes", str(procs), "--num_machines", "1",

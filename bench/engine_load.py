@@ -21,7 +21,7 @@ import torch
 
 from prefixtune import GenerateConfig, inject
 from prefixtune.decoding import Engine, Request, decoding_kwargs
-from prefixtune.models import load_base_model
+from prefixtune.base_model import load_base_model
 from prefixtune.prefix import PrefixKV
 from prefixtune.tasks import load_groups
 

@@ -80,7 +80,7 @@ def decode_speed(model_dir: str, device: str, sources: int, repeats: int) -> dic
     from decode_speed import decode_all
     from prefixtune import GenerateConfig, MultiPrefixModel, PrefixConfig, PrefixTuningModel
     from prefixtune.decoding import decoding_kwargs, encode_sources
-    from prefixtune.models import load_base_model
+    from prefixtune.base_model import load_base_model
     from prefixtune.tasks import load_groups
 
     out = {}

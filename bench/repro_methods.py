@@ -44,7 +44,7 @@ def train_config(spec, out: Path) -> TrainConfig:
                           reparam="embedding" if spec.method == "prompt" else spec.reparam, variant=spec.variant)
     return TrainConfig(task=spec.task, train_size=spec.train_size, seed=spec.seed, output=str(out), prefix=prefix,
                        lr=spec.lr, batch_size=10, epochs=10**6, max_steps=spec.steps,
-                       warmup_steps=spec.steps // 10, eval_every=max(1, spec.steps // 10), checkpoint_every=25,
+                       warmup_steps=spec.steps // 10, eval_every=max(1, spec.steps // 10), resume_every=25,
                        progress=False, bf16="auto")
 
 

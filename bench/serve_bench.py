@@ -199,7 +199,7 @@ def make_tiny_model(directory: Path, tokenizer_of: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from prefixtune.models import resolve
+    from prefixtune.base_model import resolve
 
     tokenizer = AutoTokenizer.from_pretrained(resolve(tokenizer_of), local_files_only=True)
     torch.manual_seed(0)

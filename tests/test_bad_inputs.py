@@ -38,7 +38,7 @@ def assets(tmp_path_factory, one_torch_thread):
     ptm = PrefixTuningModel(tiny_model("llama"), PrefixConfig(prefix_length=2, reparam="table"))
     ptm.save_pretrained(root / "prefix")
     assert main(["train", *TRAIN, "--model", model, "--output", str(root / "run"), "--max-steps", "2",
-                 "--checkpoint-every", "1"]) == 0
+                 "--resume-every", "1"]) == 0
     (root / "in.jsonl").write_text('{"task": "t", "input": "name[The Eagle]"}\n')
     return root
 
@@ -283,7 +283,7 @@ def test_nan_steps_beyond_the_limit_stop_training_and_keep_the_best_prefix(asset
     _nan_at(monkeypatch, lambda step: step >= 3)
     saved = _record_saves(monkeypatch)
     out = tmp_path / "run"
-    argv = _train("--max-steps", "9", "--eval-every", "2", "--checkpoint-every", "2", "--max-nonfinite-steps", "2",
+    argv = _train("--max-steps", "9", "--eval-every", "2", "--resume-every", "2", "--max-nonfinite-steps", "2",
                   output=str(out))
     assert main(argv(assets)) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]

@@ -13,7 +13,7 @@ from conftest import save_tiny, tiny_model
 from prefixtune import PrefixConfig, PrefixTuningModel
 from prefixtune.cli import main
 from prefixtune.config import ModelConfig, TrainConfig, resolve_device, resolve_dtype
-from prefixtune.models import load
+from prefixtune.base_model import load
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", "auto"] + (["cuda", "cuda:0"] if HAS_CUDA else [])
@@ -132,7 +132,7 @@ def test_load_takes_a_launchers_device_over_the_configs(assets):
 def test_evaluate_and_train_refuse_an_absent_device_before_loading(command, monkeypatch, capsys, tmp_path):
     pytest.importorskip("sacrebleu", reason="evaluate checks the [metrics] extra first")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("prefixtune.models.load_base_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("prefixtune.base_model.load_base_model", lambda *a, **k: pytest.fail("loaded a model"))
     assert main([*command, "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "device 'cuda': torch sees no CUDA GPU" in err, err

@@ -40,7 +40,7 @@ pytestmark = [
 # 24 pairs, batch 8: 3 steps per epoch, 24 steps; a checkpoint every step so that a kill lands mid-way
 ARGS = ["--task", "e2e", "--train-size", "24", "--batch-size", "8", "--prefix-length", "4", "--mlp-hidden", "32",
         "--lr", "0.01", "--no-progress", "--bf16", "off", "--epochs", "8", "--eval-every", "6",
-        "--checkpoint-every", "1"]
+        "--resume-every", "1"]
 MODES = {"single": [], "ddp": ["--config_file", str(CONFIGS / "ddp.yaml")],
          "fsdp": ["--config_file", str(CONFIGS / "fsdp.yaml")]}
 LOG_LINE = {"single": "single over 1 process", "ddp": "ddp over 2 processes",

@@ -17,7 +17,7 @@ import torch
 
 from conftest import save_tiny
 from fake_hub import FakeHub
-from prefixtune.models import load_base_model
+from prefixtune.base_model import load_base_model
 
 REPO = "tinyorg/tiny-llama"
 MAIN, V1 = "a" * 40, "b" * 40
@@ -26,7 +26,7 @@ IDS = [[5, 9, 2, 7]]
 _LOAD = """
 import json, sys, torch
 from prefixtune.config import ModelConfig
-from prefixtune.models import load
+from prefixtune.base_model import load
 try:
     model, tok = load(ModelConfig(**json.loads(sys.argv[1])))
 except ValueError as err:  # ModelNotFoundError, ModelFilesError: what the CLI prints as one line

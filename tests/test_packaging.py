@@ -128,7 +128,7 @@ def _one_line_hint(err: str, extra: str, module: str) -> None:
 @pytest.mark.parametrize("module", ["fastapi", "uvicorn", "prometheus_client"])
 def test_serve_without_the_serve_extra_prints_one_line_and_exits_2(module, block, tmp_path, monkeypatch, capsys):
     block(module, "prefixtune.serve.")
-    monkeypatch.setattr("prefixtune.models.load_base_model", _no_model)
+    monkeypatch.setattr("prefixtune.base_model.load_base_model", _no_model)
     assert main(["serve", "--prefix-dir", str(tmp_path)]) == 2
     _one_line_hint(capsys.readouterr().err, "serve", module)
 
@@ -154,7 +154,7 @@ def test_score_without_the_metrics_extra_prints_one_line_and_exits_2(module, blo
 @_installed("metrics")
 def test_evaluate_reports_the_missing_metrics_extra_before_loading_a_model(block, tmp_path, monkeypatch, capsys):
     block("rouge_score", "prefixtune.metrics")
-    monkeypatch.setattr("prefixtune.models.load_base_model", _no_model)
+    monkeypatch.setattr("prefixtune.base_model.load_base_model", _no_model)
     assert main(["evaluate", "--task", "e2e", "--prefix", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     _one_line_hint(capsys.readouterr().err, "metrics", "rouge_score")
 
@@ -179,7 +179,7 @@ def test_training_without_the_plots_extra_finishes_and_says_why_there_is_no_plot
 
 
 def test_loading_a_gguf_model_without_the_gguf_extra_names_it(tmp_path, monkeypatch):
-    from prefixtune import models
+    from prefixtune import base_model as models
 
     monkeypatch.setenv("PREFIXTUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(models, "_gguf_path", lambda package, filename: tmp_path / filename)

@@ -69,7 +69,7 @@ def test_cli_train_loss_falls_then_generate_and_score(tiny_dir, tmp_path, capsys
 
 
 def test_sigkill_then_resume_gives_the_same_prefix(tiny_dir, tmp_path):
-    args = ["--epochs", "12", "--checkpoint-every", "1", "--eval-every", "6"]
+    args = ["--epochs", "12", "--resume-every", "1", "--eval-every", "6"]
     full = _run(_train_args(tiny_dir, tmp_path / "full", *args))
     killed = _run(_train_args(tiny_dir, tmp_path / "killed", *args))
     deadline = time.time() + 300
@@ -222,7 +222,7 @@ def test_ablation_variants_train_save_and_generate(tiny_dir, tmp_path, options):
     assert set(record) == {"task", "input", "output"} and (record["task"], record["input"]) == ("t", "name[The Eagle]")
     # the written output is the text the saved prefix generates through the library, not a placeholder
     from prefixtune.config import GenerateConfig
-    from prefixtune.models import load_base_model
+    from prefixtune.base_model import load_base_model
     from prefixtune.multi import MultiPrefixModel
 
     multi = MultiPrefixModel(*load_base_model(tiny_dir))

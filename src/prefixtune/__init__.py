@@ -5,7 +5,7 @@
 
 from .config import GenerateConfig, ModelConfig, PrefixConfig, TextFormat
 from .model import PrefixTuningModel
-from .models import DEFAULT_MODEL, load, load_base_model
+from .base_model import DEFAULT_MODEL, load, load_base_model
 from .multi import MultiPrefixModel
 from .prefix import PrefixKV
 

@@ -105,14 +105,14 @@ def cmd_train(args) -> int:
 
 
 def _load_multi(args, prefixes: dict[str, str]):
-    from . import models
+    from . import base_model
     from .multi import MultiPrefixModel
 
     from .config import TextFormat
     from .peft_import import is_peft_checkpoint
 
     peft_format = TextFormat(source=args.peft_source_format).validate()  # before minutes of loading
-    base, tokenizer = models.load(model_config(args))
+    base, tokenizer = base_model.load(model_config(args))
     multi = MultiPrefixModel(base, tokenizer)
     for name, path in prefixes.items():
         multi.add(name, path, peft_format if is_peft_checkpoint(path) else None)

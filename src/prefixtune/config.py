@@ -288,8 +288,9 @@ class TrainConfig(ModelConfig):
     """Evaluate dev loss every N optimizer steps (default: once per epoch)."""
     patience: int | None = None
     """Early stopping: stop after this many evaluations without dev improvement (None: never)."""
-    checkpoint_every: int = 50
-    """Write resume state every N optimizer steps."""
+    resume_every: int = 50
+    """Write the resume state (resume.py; not the final prefix, which checkpoint.py saves) every N optimizer
+    steps."""
     resume: bool = False
     """Continue from the run directory's resume state."""
     max_source_tokens: int = 256
@@ -311,7 +312,7 @@ class TrainConfig(ModelConfig):
         """Raise ValueError naming the option and its value; return self. Options left as None (the task's
         default) are checked once filled in (`train.resolve`)."""
         super().validate()
-        least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "checkpoint_every": 1, "max_steps": 1,
+        least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "resume_every": 1, "max_steps": 1,
                  "warmup_steps": 0, "max_nonfinite_steps": 0, "max_source_tokens": 1, "max_target_tokens": 1}
         for name, minimum in least.items():
             value = getattr(self, name)

@@ -18,8 +18,11 @@ from .prefix import PrefixKV
 
 
 @dataclass
-class Task:
-    """A named prefix and the text format it was trained with."""
+class NamedPrefix:
+    """A loaded prefix under the name requests pick it by, and the text format it was trained with.
+
+    The server and `MultiPrefixModel.generate(tasks=...)` call such a name a task; a dataset is a
+    `tasks.TaskSpec`, a different thing."""
 
     name: str
     prefix: PrefixKV
@@ -41,11 +44,11 @@ class MultiPrefixModel:
         base.requires_grad_(False)
         self.tokenizer = tokenizer
         self.slots, self.shapes = inject.prepare(base)
-        self._tasks: dict[str, Task] = {}
+        self._tasks: dict[str, NamedPrefix] = {}
         self._lock = threading.Lock()
 
     # --- the task table --------------------------------------------------------------------------
-    def add(self, name: str, prefix: "PrefixKV | str | os.PathLike", text_format: TextFormat | None = None) -> Task:
+    def add(self, name: str, prefix: "PrefixKV | str | os.PathLike", text_format: TextFormat | None = None) -> NamedPrefix:
         """Add or replace task `name` from a saved prefix directory, a PEFT PrefixTuning checkpoint directory
         (adapter_config.json + adapter_model.safetensors) or a PrefixKV. `text_format` overrides a saved
         prefix's own; PEFT checkpoints and PrefixKVs have none, so theirs is `text_format` or the default."""
@@ -57,12 +60,13 @@ class MultiPrefixModel:
                     f"prefix for task {name!r} has [{checkpoint.describe_shapes(prefix.shapes())}], this model "
                     f"has [{checkpoint.describe_shapes(self.shapes)}]"
                 )
-            task = Task(name, prefix.detach(), text_format or TextFormat())
+            task = NamedPrefix(name, prefix.detach(), text_format or TextFormat())
         elif is_peft_checkpoint(prefix):  # PEFT saves no text format: the caller's, else the default
-            task = Task(name, load_peft_prefix(prefix, self.base, self.shapes), text_format or TextFormat(), str(prefix))
+            peft = load_peft_prefix(prefix, self.base, self.shapes)
+            task = NamedPrefix(name, peft, text_format or TextFormat(), str(prefix))
         else:
             loaded = checkpoint.load_for(prefix, self.base, self.shapes)
-            task = Task(name, loaded.prefix, text_format or loaded.text_format, str(prefix))
+            task = NamedPrefix(name, loaded.prefix, text_format or loaded.text_format, str(prefix))
         with self._lock:
             self._tasks[name] = task
         return task
@@ -73,14 +77,14 @@ class MultiPrefixModel:
                 raise KeyError(self._unknown(name))
             del self._tasks[name]
 
-    def tasks(self) -> dict[str, Task]:
+    def tasks(self) -> dict[str, NamedPrefix]:
         with self._lock:
             return dict(self._tasks)
 
     def _unknown(self, name) -> str:
         return f"unknown task {name!r}; loaded tasks: {sorted(self._tasks) or 'none'}"
 
-    def _resolve(self, tasks: Sequence[str | None]) -> list[Task | None]:
+    def _resolve(self, tasks: Sequence[str | None]) -> list[NamedPrefix | None]:
         with self._lock:
             missing = sorted({t for t in tasks if t is not None and t not in self._tasks})
             if missing:

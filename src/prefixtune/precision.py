@@ -211,7 +211,7 @@ def model_key(model) -> str:
 
 
 def _cache_file() -> Path:
-    from .models import cache_root
+    from .base_model import cache_root
 
     return cache_root() / _FILE
 

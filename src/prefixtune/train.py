@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import _compat, distributed, models, precision, resume
+from . import _compat, base_model, distributed, precision, resume
 from .config import TextFormat, TrainConfig, bf16_mode
 from .data import Encoded, batch_order, collate, encode, row_length, summed_loss, target_tokens
 from .model import PrefixTuningModel
@@ -202,7 +202,7 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError("--reparam embedding runs the frozen base twice in every forward (once to compute the "
                          "prefix), which FSDP2's resharding cannot back-propagate through; train this ablation "
                          "with DDP (configs/accelerate/ddp.yaml) or on one process")
-    base, tokenizer = models.load(cfg, device=acc.device)  # the launcher's device for this process
+    base, tokenizer = base_model.load(cfg, device=acc.device)  # the launcher's device for this process
     # A copy: the model rewrites its config (L from init_text, reparam "table" once the MLP is dropped).
     ptm = PrefixTuningModel(base, dataclasses.replace(cfg.prefix), tokenizer, TextFormat())
     if cfg.gradient_checkpointing:
@@ -286,7 +286,7 @@ class _Loop:
             dev = self._maybe_evaluate()
             self.log.step(c["step"], epoch + 1, loss, lr, dev, c["elapsed"], bar)
             # not inside a run of skipped steps: a resume state never moves into a divergence
-            due = c["step"] % cfg.checkpoint_every == 0 or c["step"] == self.total or self._stop()
+            due = c["step"] % cfg.resume_every == 0 or c["step"] == self.total or self._stop()
             if due and not c["nonfinite_steps"]:
                 self._checkpoint()
             if self._stop():

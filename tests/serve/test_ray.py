@@ -28,7 +28,7 @@ serve = pytest.importorskip("ray.serve")
 from conftest import save_tiny  # noqa: E402
 from prefixtune import MultiPrefixModel  # noqa: E402
 from prefixtune.cli import model_config  # noqa: E402
-from prefixtune.models import load  # noqa: E402
+from prefixtune.base_model import load  # noqa: E402
 from prefixtune.serve import add_cli_arguments  # noqa: E402
 from prefixtune.serve.ray_serve import REPLICA_HEADER, _ProxyErrors, deployment, http_options, init_ray  # noqa: E402
 from test_app import alone, save_prefix  # noqa: E402

@@ -28,8 +28,8 @@ from ..cli import model_config
 from .. import precision
 from ..decoding.api import decode_workload
 from ..extras import needs
-from ..models import load
-from ..multi import MultiPrefixModel, Task
+from ..base_model import load
+from ..multi import MultiPrefixModel, NamedPrefix
 from .metrics import CONTENT_TYPE, Metrics
 from .openai_routes import OpenAIApi
 from .requestlog import RequestLog
@@ -45,7 +45,7 @@ from .taskcache import TaskCache
 logger = logging.getLogger("prefixtune.serve")
 
 
-def _info(task: Task, root: Path | None) -> TaskInfo:
+def _info(task: NamedPrefix, root: Path | None) -> TaskInfo:
     return TaskInfo(name=task.name, prefix_length=task.prefix.length, num_parameters=task.prefix.num_parameters(),
                     source=public_source(task, root))
 

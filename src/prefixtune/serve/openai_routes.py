@@ -28,7 +28,7 @@ from fastapi.routing import APIRoute
 
 from .. import checkpoint
 from ..config import TextFormat
-from ..multi import MultiPrefixModel, Task
+from ..multi import MultiPrefixModel, NamedPrefix
 from .metrics import Metrics
 from .openai_choices import DONE, ChoiceText, Shape, sse_error
 from .openai_schema import (ERRORS, UNSUPPORTED, ChatCompletion, ChatCompletionRequest, ChatMessage, Completion,
@@ -200,11 +200,11 @@ class OpenAIApi:
             route.batcher.cancel([rows[index]])
         return new, all(c.finish for c in choices)
 
-    async def _task(self, route: ServedRoute, model: str, raw: bool) -> Task:
+    async def _task(self, route: ServedRoute, model: str, raw: bool) -> NamedPrefix:
         if model == self.base_id and model not in self.multi.tasks():
             if (record := current()) is not None:
                 record.task = model
-            return Task(model, None, RAW)
+            return NamedPrefix(model, None, RAW)
         try:
             task = await route.resolve(model)
         except ApiError as err:
@@ -224,7 +224,7 @@ class OpenAIApi:
             raise OpenAIError(400, "invalid_messages", f"the chat template refused these messages: {err}",
                               "messages") from None
 
-    def _saved(self, task: Task) -> int:
+    def _saved(self, task: NamedPrefix) -> int:
         config = Path(task.source) / checkpoint.CONFIG_NAME if task.source else None
         return int(config.stat().st_mtime) if config is not None and config.is_file() else self.started
 

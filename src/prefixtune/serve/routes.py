@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from ..config import GenerateConfig
 from ..decoding import encode_sources
-from ..multi import MultiPrefixModel, Task
+from ..multi import MultiPrefixModel, NamedPrefix
 from .metrics import Metrics
 from .admission import submit
 from .rows import Row
@@ -88,7 +88,7 @@ class GenerateRoute:
                            "and a decoder-only model")
         return config
 
-    def _task(self, name: str) -> Task:
+    def _task(self, name: str) -> NamedPrefix:
         if not TASK_NAME.fullmatch(name):
             raise ApiError(400, "invalid_task_name", f"invalid task name {name!r}")
         task = self.multi.tasks().get(name)
@@ -96,18 +96,18 @@ class GenerateRoute:
             raise ApiError(404, "unknown_task", f"unknown task {name!r}; loaded tasks: {sorted(self.multi.tasks())}")
         return task
 
-    async def rows(self, inputs: list[str], task: Task, config: GenerateConfig, body: GenerateRequest,
+    async def rows(self, inputs: list[str], task: NamedPrefix, config: GenerateConfig, body: GenerateRequest,
                    queue: asyncio.Queue) -> list[Row]:
         """The request's rows; inputs are tokenized in a worker thread, so a long one never stalls the event loop."""
         prompts = await run_in_threadpool(lambda: [self._prompt(i, text, task) for i, text in enumerate(inputs)])
         return [self._make_row(i, prompt, task, config, body, queue) for i, prompt in enumerate(prompts)]
 
-    def _row(self, index: int, text: str, task: Task, config: GenerateConfig, body: GenerateRequest,
+    def _row(self, index: int, text: str, task: NamedPrefix, config: GenerateConfig, body: GenerateRequest,
              queue: asyncio.Queue) -> Row:
         """One row, tokenized on the calling thread (`rows` does a whole request off the event loop)."""
         return self._make_row(index, self._prompt(index, text, task), task, config, body, queue)
 
-    def _prompt(self, index: int, text: str, task: Task) -> list[int]:
+    def _prompt(self, index: int, text: str, task: NamedPrefix) -> list[int]:
         """Input `index` as prompt ids (the task's text format applied), or ApiError 400 saying what is wrong."""
         if not text.strip():
             raise ApiError(400, "invalid_request", f"input {index} is empty: every input needs some text")
@@ -127,7 +127,7 @@ class GenerateRoute:
                            f"most {most}")
         return ids[0].tolist()
 
-    def _make_row(self, index: int, prompt: list[int], task: Task, config: GenerateConfig, body: GenerateRequest,
+    def _make_row(self, index: int, prompt: list[int], task: NamedPrefix, config: GenerateConfig, body: GenerateRequest,
                   queue: asyncio.Queue) -> Row:
         if config.seed is not None:
             config = dataclasses.replace(config, seed=config.seed + index)

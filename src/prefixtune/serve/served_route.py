@@ -12,7 +12,7 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
-from ..multi import MultiPrefixModel, Task
+from ..multi import MultiPrefixModel, NamedPrefix
 from . import requestlog
 from .metrics import Metrics
 from .routes import GenerateRoute
@@ -35,7 +35,7 @@ class ServedRoute(GenerateRoute):
         await self.resolve(body.task)
         return await super().handle(body, request)
 
-    async def resolve(self, name: str) -> Task:
+    async def resolve(self, name: str) -> NamedPrefix:
         """The task, loaded off the event loop if it is on disk but not resident; recorded as the request's task."""
         task = self.cache.resident(name)
         if task is not None:
@@ -46,7 +46,7 @@ class ServedRoute(GenerateRoute):
             record.task = name
         return task
 
-    def _task(self, name: str) -> Task:
+    def _task(self, name: str) -> NamedPrefix:
         # resolve() made it resident; a concurrent request may have evicted it since, then it loads again
         return self.cache.resident(name) or self.cache.get(name)
 

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from .. import checkpoint
-from ..multi import MultiPrefixModel, Task
+from ..multi import MultiPrefixModel, NamedPrefix
 from .schema import ApiError
 from .settings import TASK_NAME
 
@@ -25,7 +25,7 @@ def task_dir(root: Path, name: str) -> Path:
     return path
 
 
-def load_task(multi: MultiPrefixModel, root: Path, name: str) -> Task:
+def load_task(multi: MultiPrefixModel, root: Path, name: str) -> NamedPrefix:
     """(Re)load task `name` from `root`/name (safetensors only, via checkpoint.load_for)."""
     path = task_dir(root, name)
     try:
@@ -47,7 +47,7 @@ def _hide(message: str, root: Path, name: str) -> str:
     return message
 
 
-def public_source(task: Task, root: Path | None) -> str:
+def public_source(task: NamedPrefix, root: Path | None) -> str:
     """Where a task came from, as clients may see it (no server paths): 'prefix_dir/NAME' for a task of the
     prefix directory, 'file' for one loaded from elsewhere (--prefix NAME=PATH), '' for one added in memory."""
     if not task.source:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import checkpoint
-from ..multi import MultiPrefixModel, Task
+from ..multi import MultiPrefixModel, NamedPrefix
 from .metrics import Metrics
 from .schema import ApiError
 from .store import load_prefix_dir, load_task, task_dir
@@ -66,7 +66,7 @@ class TaskCache:
                 raise ValueError(f"--max-tasks {self.max_tasks} leaves no room for tasks loaded on demand: "
                                  f"{len(fixed)} tasks are pinned or given with --prefix; raise --max-tasks")
 
-    def get(self, name: str) -> Task:
+    def get(self, name: str) -> NamedPrefix:
         """The task, loaded from the prefix directory if it is not resident (ApiError 400/404/422 if it cannot be)."""
         task = self._hit(name)
         if task is not None:
@@ -84,11 +84,11 @@ class TaskCache:
             raise ApiError(404, "unknown_task", f"unknown task {name!r}: not loaded and not in the prefix directory; "
                            f"loaded tasks: {self._listing()}")
 
-    def resident(self, name: str) -> Task | None:
+    def resident(self, name: str) -> NamedPrefix | None:
         """The task if it is resident (no loading, no counting)."""
         return self.multi.tasks().get(name)
 
-    def load(self, name: str) -> Task:
+    def load(self, name: str) -> NamedPrefix:
         """(Re)load `name` from the prefix directory and make it the most recently used; evict if over the limit."""
         if self.root is None:
             raise ApiError(400, "no_prefix_dir", "this server was started without a prefix directory")
@@ -139,7 +139,7 @@ class TaskCache:
             return True
 
     # --- internals ---------------------------------------------------------------------------------
-    def _hit(self, name: str) -> Task | None:
+    def _hit(self, name: str) -> NamedPrefix | None:
         with self._lock:
             task = self.multi.tasks().get(name)
             if task is not None:
@@ -151,12 +151,12 @@ class TaskCache:
         """Whether `root`/name holds a saved prefix; task_dir answers 400 for a bad name or one outside `root`."""
         return self.root is not None and (task_dir(self.root, name) / checkpoint.CONFIG_NAME).is_file()
 
-    def _register(self, name: str, task: Task) -> None:
+    def _register(self, name: str, task: NamedPrefix) -> None:
         if name not in self._order:
             self._order[name] = self._reloadable(name, task) and name not in self.pins
         self._order.move_to_end(name)
 
-    def _reloadable(self, name: str, task: Task) -> bool:
+    def _reloadable(self, name: str, task: NamedPrefix) -> bool:
         """Whether the task came from `root`/name, so that evicting it loses nothing."""
         if self.root is None or not task.source:
             return False

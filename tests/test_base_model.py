@@ -13,7 +13,7 @@ import transformers
 
 from conftest import save_tiny
 from prefixtune._compat import UnsupportedModelError
-from prefixtune.models import ModelFilesError, ModelNotFoundError, load_base_model
+from prefixtune.base_model import ModelFilesError, ModelNotFoundError, load_base_model
 
 
 def test_local_directory_loads_with_pad_token(tmp_path):
@@ -53,7 +53,7 @@ def _hub_env(home) -> dict:
 
 _LOAD = """
 import sys, torch
-from prefixtune.models import load_base_model
+from prefixtune.base_model import load_base_model
 model, tok = load_base_model(sys.argv[1])
 ids = torch.tensor([[5, 9, 2, 7]])
 with torch.no_grad():
@@ -107,7 +107,7 @@ def test_gguf_path_that_is_missing_or_not_gguf_is_refused_in_one_line(tmp_path, 
 def test_gguf_file_path_loads_as_the_alias_does(tmp_path, monkeypatch):
     """Any .gguf path is dequantized into the cache and loads; here the file behind the default alias, which
     must give the alias's logits."""
-    from prefixtune import models
+    from prefixtune import base_model as models
 
     gguf = models._gguf_path(*models.ALIASES[models.DEFAULT_MODEL][:2])
     alias_model, _ = load_base_model(models.DEFAULT_MODEL)
@@ -124,7 +124,8 @@ def test_dequantizing_removes_what_killed_dequantizations_left(tmp_path, monkeyp
     dead processes and keeps a temporary of a process still writing."""
     pytest.importorskip("gguf", reason="dequantizing needs the [gguf] extra")
     from conftest import byte_tokenizer, tiny_model
-    from prefixtune import artifact, models
+    from prefixtune import artifact
+    from prefixtune import base_model as models
 
     monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_model("llama"))
     monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: byte_tokenizer())
