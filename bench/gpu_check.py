@@ -12,7 +12,15 @@ even when another fails:
   decode    beam-5 decoding, prefixtune's engine against transformers' generate (bench/decode_speed.py's loop),
             with fp32 and with bf16 weights
   serve     bench/serve_bench.py against the random model, its servers on the device
-Writes gpu_check.json and gpu_check.md into --out (and into bench/results/ with --keep).
+  zero3     `accelerate launch` with configs/accelerate/deepspeed_zero3.yaml, 1 process (one GPU), a few
+            training steps of the model (needs deepspeed: scripts/gpu_check.sh --prepare builds its wheel)
+  probe_two_process_nccl, two_process_gloo
+            two processes on the one GPU, an all_reduce of CUDA tensors: NCCL refuses two ranks on one device
+            (a probe: expected to fail, recorded, not counted); gloo takes CUDA tensors, so it is how two
+            processes can share one GPU (on --device cpu only the gloo part runs)
+Parts run in this order within --budget-s (default 540 s); a part with too little time left is recorded as
+skipped, so the report is always written. Writes gpu_check.json and gpu_check.md into --out (and into
+bench/results/ with --keep).
 """
 
 from __future__ import annotations
@@ -50,12 +58,30 @@ def write_model(path: Path, quick: bool) -> str:
     return str(path)
 
 
-def timed(name: str, cmd: list[str], results: dict, timeout: float) -> bool:
+DEADLINE = [float("inf")]
+"""time.time() by which every part must be done (main sets it from --budget-s)."""
+MIN_PART_S = 20.0
+"""A part that would get less time than this before DEADLINE is skipped (recorded as such), not started."""
+
+
+def part_timeout(timeout: float, now: float | None = None) -> float | None:
+    """`timeout`, shortened to what is left before DEADLINE (keeping 10 s for the report); None: skip the part."""
+    left = DEADLINE[0] - (time.time() if now is None else now) - 10.0
+    return None if left < MIN_PART_S else min(timeout, left)
+
+
+def timed(name: str, cmd: list[str], results: dict, timeout: float, env: dict | None = None) -> bool:
     """Run one part as a subprocess; record its exit code, seconds and output tail."""
+    timeout = part_timeout(timeout)
+    if timeout is None:
+        results[name] = {"command": " ".join(cmd), "exit_code": "skipped: out of time", "seconds": 0}
+        print(f"[gpu_check] {name}: skipped, out of time", flush=True)
+        return False
     print(f"[gpu_check] {name}: {' '.join(cmd)}", flush=True)
     start = time.time()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=timeout,
+                              env=None if env is None else {**os.environ, **env})
         code, output = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as err:
         code, output = "timeout", f"{err.stdout or ''}{err.stderr or ''}"
@@ -107,6 +133,48 @@ def decode_speed(model_dir: str, device: str, sources: int, repeats: int) -> dic
     return out
 
 
+def _all_reduce_rank(rank: int, backend: str, port: int, device: str) -> None:
+    """One of two processes: all_reduce [rank + 1] * 4 on `device` (both ranks on the same one); checks 1 + 2."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        tensor = torch.full((4,), float(rank + 1), device=device)
+        dist.all_reduce(tensor)
+        if tensor.tolist() != [3.0] * 4:
+            raise RuntimeError(f"rank {rank}: all_reduce gave {tensor.tolist()}, not [3.0] * 4")
+        print(f"rank {rank}: {backend} all_reduce on {tensor.device} ok", flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def two_processes(backend: str, device: str) -> int:
+    """Two processes, one device (`--two-process BACKEND`): 0 when their all_reduce adds up, else the error."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_all_reduce_rank, args=(backend, port, device), nprocs=2, join=True)  # raises when a rank fails
+    return 0
+
+
+def zero3_command(model: str, out: Path, steps: str) -> list[str]:
+    """`accelerate launch` of configs/accelerate/deepspeed_zero3.yaml on 1 process (`python -m`: the GPU image's
+    accelerate may come from .whl/, without its console script on PATH)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml"), "--num_processes", "1",
+            "--num_machines", "1", "--main_process_port", "0", "-m", "prefixtune", "train", "--model", model,
+            "--task", "e2e", "--train-size", "40", "--max-steps", steps, "--batch-size", "8", "--eval-every", steps,
+            "--bf16", "off", "--output", str(out), "--no-progress"]
+
+
 def facts(device: str) -> dict:
     import torch
 
@@ -122,7 +190,13 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="2 layers, few steps: checks this script, not the GPU")
     p.add_argument("--keep", action="store_true", help="also write the results into bench/results/")
+    p.add_argument("--budget-s", type=float, default=540.0, help="all parts within this long (default 540)")
+    p.add_argument("--two-process", choices=("nccl", "gloo"), default=None,
+                   help="only the two-process probe with this backend on --device (what the probe parts run)")
     args = p.parse_args()
+    if args.two_process:
+        return two_processes(args.two_process, args.device)
+    DEADLINE[0] = time.time() + args.budget_s
     work = args.out / "work"
     work.mkdir(parents=True, exist_ok=True)
     if args.data:  # the children (train, generate, serve_bench) read the data root from here
@@ -151,9 +225,20 @@ def main() -> int:
     timed("serve", [sys.executable, "bench/serve_bench.py", "--model", model, "--rounds", "1", "--requests",
                     "8" if args.quick else "64", "--server-args", f"--device {args.device}", "--out", str(work)],
           results, timeout=240)
+    distributed_parts(args, model, work, results)
     report(results, args.out, ROOT / "bench" / "results" if args.keep else None)
-    parts_ok = all(r["exit_code"] == 0 for r in results.values() if "exit_code" in r)
+    parts_ok = all(r["exit_code"] == 0 for k, r in results.items() if "exit_code" in r and not k.startswith("probe_"))
     return 0 if parts_ok and "error" not in results["decode"] else 1
+
+
+def distributed_parts(args: argparse.Namespace, model: str, work: Path, results: dict) -> None:
+    """ZeRO-3 on one process (CUDA only: DeepSpeed is GPU-only here), then two processes on the one device."""
+    probe = [sys.executable, str(Path(__file__).resolve()), "--out", str(work), "--device", args.device, "--two-process"]
+    if args.device.startswith("cuda"):
+        timed("zero3", zero3_command(model, work / "zero3", "5"), results, timeout=180,
+              env={"DS_ACCELERATOR": "cuda"})  # the wheel was built on a CPU machine: name the accelerator
+        timed("probe_two_process_nccl", probe + ["nccl"], results, timeout=90)
+    timed("two_process_gloo", probe + ["gloo"], results, timeout=90)
 
 
 def report(results: dict, *folders: Path | None) -> None:

@@ -6,11 +6,13 @@
 #   bash scripts/gpu_check.sh --cpu         # here: the same script on the CPU, 2 layers (checks the script)
 #
 # The GPU image has its own torch (CUDA) and an older transformers, and nothing can be downloaded there, so
-# --prepare fetches the pinned transformers and the [serve] packages as wheels (Python 3.12, manylinux), and
+# --prepare fetches the pinned transformers, accelerate and the [serve] packages as wheels (Python 3.12,
+# manylinux) and builds deepspeed's (the zero3 part), and
 # the run puts them and src/ on PYTHONPATH instead of installing prefixtune. Results land in $OUT (the device
 # tool brings them back) and in bench/results/gpu_check.{json,md}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DEEPSPEED_VERSION=0.19.8  # built here by --prepare (25 s on 2 cores), for the zero3 part
 
 if [[ "${1:-}" == "--prepare" ]]; then
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
@@ -21,7 +23,15 @@ if [[ "${1:-}" == "--prepare" ]]; then
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     "$(pin transformers)" "$(pin fastapi)" "$(pin uvicorn)" "$(have starlette)" "$(have pydantic)" \
-    "$(have pydantic-core)" "$(have typing-inspection)" "$(have annotated-types)" "$(have opentelemetry-api)"
+    "$(have pydantic-core)" "$(have typing-inspection)" "$(have annotated-types)" "$(have opentelemetry-api)" \
+    "$(pin accelerate)" "$(have psutil)" "$(have msgpack)" hjson py-cpuinfo ninja einops  # the last: deepspeed's
+  # deepspeed is an sdist only on PyPI (its binary-only download is a 2020 0.3.1 dev wheel): build a pure-Python
+  # wheel with no compiled ops (DS_BUILD_OPS=0; ZeRO-3 with torch's AdamW needs none) against the venv's torch.
+  # A failed build is recorded, not fatal: the zero3 part then fails with ModuleNotFoundError on the GPU.
+  if ! DS_BUILD_OPS=0 .venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w .whl \
+      "deepspeed==$DEEPSPEED_VERSION" > .whl/deepspeed-build.log 2>&1; then
+    echo "deepspeed $DEEPSPEED_VERSION wheel build failed (see .whl/deepspeed-build.log); zero3 will fail" >&2
+  fi
   data="${PREFIXTUNE_DATA:-../shared/data}"
   rm -rf .gpu_data/e2e && cp -r "$data/e2e" .gpu_data/e2e  # 2.5 MB; ignored by git, carried to the machine
   du -sh .whl .gpu_data

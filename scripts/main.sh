@@ -9,7 +9,7 @@ bash scripts/setup.sh
 . .venv/bin/activate
 RUN=${RUN:-runs/e2e-${TRAIN_SIZE:-300}}
 python -m prefixtune train --task e2e --model smollm2-135m --train-size "${TRAIN_SIZE:-300}" --seed "${SEED:-0}" \
-  --output "$RUN" --prefix-length 10 --lr 5e-4 --epochs "${EPOCHS:-3}" --batch-size 10 --no-progress
+  --output "$RUN" --prefix-length 10 --lr 5e-4 --epochs "${EPOCHS:-3}" --batch-size 10
 limit=()
 [ -n "${LIMIT:-}" ] && limit=(--limit "$LIMIT")
 python -m prefixtune evaluate --model smollm2-135m --prefix "$RUN" --task e2e --split test "${limit[@]}" \

@@ -18,7 +18,7 @@ from prefixtune.config import PrefixConfig
 from prefixtune.model import PrefixTuningModel
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIR = sorted([checkpoint.WEIGHTS_NAME, checkpoint.CONFIG_NAME])
+PAIR = sorted([checkpoint.WEIGHTS_NAME, checkpoint.CONFIG_NAME, "README.md"])  # README.md: the model card
 
 
 def _ptm(value: float) -> PrefixTuningModel:

@@ -60,7 +60,7 @@ def test_save_load_reproduces_generation_and_holds_only_the_prefix(family, tmp_p
     kw = dict(max_new_tokens=6, num_beams=2, do_sample=False, pad_token_id=PAD, eos_token_id=None)
     expected = ptm.generate(ids, **kw)
     ptm.save_pretrained(tmp_path / "p")
-    assert sorted(x.name for x in (tmp_path / "p").iterdir()) == [WEIGHTS_NAME, CONFIG_NAME]
+    assert sorted(x.name for x in (tmp_path / "p").iterdir()) == ["README.md", WEIGHTS_NAME, CONFIG_NAME]  # + model card
     tensors = load_file(tmp_path / "p" / WEIGHTS_NAME)
     n_slots = len(ptm.slots)
     assert len(tensors) == 2 * n_slots and all(k.endswith((".key", ".value")) for k in tensors)
@@ -96,7 +96,7 @@ def test_failed_save_leaves_previous_prefix_intact(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         ptm.save_pretrained(tmp_path / "p")
     assert (tmp_path / "p" / WEIGHTS_NAME).read_bytes() == before
-    assert sorted(x.name for x in (tmp_path / "p").iterdir()) == [WEIGHTS_NAME, CONFIG_NAME]
+    assert sorted(x.name for x in (tmp_path / "p").iterdir()) == ["README.md", WEIGHTS_NAME, CONFIG_NAME]  # + model card
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])

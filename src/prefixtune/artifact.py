@@ -18,7 +18,7 @@ from typing import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 STAGE_PREFIX = ".saving-"
 _STAGE = re.compile(rf"^{re.escape(STAGE_PREFIX)}(\d+)-\w+$")
@@ -126,11 +126,16 @@ def require_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; DamagedFileError naming the file when it cannot be read."""
+    """(tensors, metadata) of a safetensors file; DamagedFileError naming the file when it cannot be read.
+
+    The tensors are copies in memory, not views mapped onto the file (what `load_file` returns): a prefix
+    file rewritten in place later (`cp`, PEFT's save_pretrained) must not change, or with a truncation
+    SIGBUS, a prefix that a server already holds. Prefix files are small, so reading them whole is cheap."""
     try:
+        data = Path(path).read_bytes()
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        return load_file(str(path), device="cpu"), metadata
+        return load(data), metadata
     except (SafetensorError, OSError, ValueError) as err:
         detail = " ".join(str(err).split())
         raise DamagedFileError(f"{path} is not a readable safetensors file (truncated or corrupted: {detail})") from None

@@ -1,4 +1,4 @@
-"""`prefixtune train|generate|evaluate|score|serve`: each subcommand maps onto a plain function.
+"""`prefixtune train|generate|evaluate|score|serve|export`: each subcommand maps onto a plain function.
 
 Options of `train` and the decoding options come straight from the typed configs (TrainConfig,
 GenerateConfig): one flag per field, its help text the field's docstring.
@@ -7,30 +7,19 @@ GenerateConfig): one flag per field, its help text the field's docstring.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import json
 import sys
 import typing
 
 from . import allocator
-from .config import GenerateConfig, ModelConfig, TrainConfig
+from .config import GenerateConfig, ModelConfig, TrainConfig, field_docs
 from .extras import MissingExtra, require
 
 
 def _field_docs(cls) -> dict[str, str]:
-    """Attribute docstrings of a dataclass (the string literal right after each field), inherited fields
-    included: each class's source holds only its own fields, so the MRO is read base first."""
-    docs = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        body = ast.parse(inspect.getsource(klass)).body[0].body
-        for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split()).replace("%", "%%")  # argparse formats help
-    return docs
+    """config.field_docs with '%' escaped: argparse %-formats help texts."""
+    return {name: text.replace("%", "%%") for name, text in field_docs(cls).items()}
 
 
 def _choices_help(choices) -> str:
@@ -180,10 +169,35 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    import os
+
+    from .hub_push import push_folder
+
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise ValueError(f"--token-env {args.token_env}: the environment variable {args.token_env} is not set "
+                             "or empty; export the token there, or leave --token-env out to use HF_TOKEN")
+    url = push_folder(args.directory, args.repo_id, token=token, private=args.private, revision=args.revision)
+    print(url)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .serve import cli_main
 
     return cli_main(args)
+
+
+def cmd_export(args) -> int:
+    from .peft_export import export
+
+    out = export(args.prefix, args.out, args.to)
+    print(f"wrote a PEFT PrefixTuning checkpoint to {out}: peft.PeftModel.from_pretrained(base, {str(out)!r}) "
+          "loads it", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--prefix", action="append", metavar="NAME=DIR",
                    help="a task name and its prefix directory (or PEFT PrefixTuning checkpoint); repeatable")
-    _add_peft_format_option(p)
+    add_peft_format_option(p)
     p.add_argument("--input", help='JSONL file of {"task": NAME, "input": TEXT} (default: stdin)')
     p.add_argument("--output", help="JSONL output, each input line plus 'output' (default: stdout)")
     _add_dataclass_options(p, GenerateConfig)
@@ -209,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--prefix", required=True, help="prefix directory (a training run's --output, or a PEFT "
                    "PrefixTuning checkpoint)")
-    _add_peft_format_option(p)
+    add_peft_format_option(p)
     _add_data_options(p)
     p.add_argument("--limit", type=int, help="evaluate only the first N sources (a documented subset)")
     p.add_argument("--output", required=True, help="directory for predictions.txt and scores.json")
@@ -222,6 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", help="e2e-metrics style references (blank line between sources) instead of a task split")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("export", help="write a saved prefix as a PEFT PrefixTuning checkpoint")
+    # any --to value is taken, so that a wrong one fails in one line naming it (argparse's choices add a usage line)
+    p.add_argument("--to", required=True, metavar="FORMAT", help="format to write; only 'peft' (a PEFT PrefixTuning "
+                   "checkpoint: adapter_config.json + adapter_model.safetensors, for decoder-only models)")
+    p.add_argument("--prefix", required=True, metavar="DIR", help="saved prefix directory (a training run's --output)")
+    p.add_argument("out", metavar="OUT", help="directory to create (or an empty one)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="upload a saved prefix (and its model card) to the Hugging Face Hub")
+    p.add_argument("directory", metavar="DIR", help="a saved prefix (a training run's --output)")
+    p.add_argument("repo_id", metavar="REPO_ID", help="the model repository, e.g. you/e2e-prefix (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps "
+                   "its visibility)")
+    p.add_argument("--revision", help="branch to commit to (created from main if missing; default: main)")
+    p.add_argument("--token-env", metavar="VAR", help="read the Hub token from environment variable VAR "
+                   "(default: HF_TOKEN, or the token `hf auth login` stored)")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("serve", help="HTTP server: one base model, many task prefixes, mixed batches")
     from .serve import add_cli_arguments  # fastapi is imported only when the CLI is built
@@ -237,13 +269,15 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     _add_dataclass_options(p, ModelConfig)
 
 
-def _add_peft_format_option(p: argparse.ArgumentParser) -> None:
+def add_peft_format_option(p: argparse.ArgumentParser) -> None:
+    """--peft-source-format, declared once for `generate`, `evaluate` and `serve` (ServeSettings.peft_source_format)."""
     from .config import TextFormat
 
     default = TextFormat().source
     p.add_argument("--peft-source-format", default=default, metavar="TEMPLATE",
-                   help="source template of --prefix directories that are PEFT PrefixTuning checkpoints (PEFT saves "
-                        "no text format); must contain {input}; {eos} is the tokenizer's end-of-text token "
+                   help="source template of prefixes that are PEFT PrefixTuning checkpoints (--prefix directories; "
+                        "for serve also the tasks of --prefix-dir), since PEFT saves no text format; must contain "
+                        "{input}; {eos} is the tokenizer's end-of-text token "
                         f"(default: {default!r}). Saved prefixtune prefixes keep their own.")
 
 

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import math
+import textwrap
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 MAX_PREFIX_LENGTH = 4096
 REPARAMS = ("mlp", "table", "embedding")
 VARIANTS = ("prefix", "infix")
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the string literal right after each field), whitespace folded,
+    inherited fields included: each class's source holds only its own fields, so the MRO is read base first.
+    The CLI's help texts and the server's request schema both come from here, so an option is described once."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body  # dedent: a class in a function
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
 
 
 @dataclass
@@ -92,11 +111,15 @@ def _finite_positive(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+BF16_MODES = ("off", "on", "auto")
+"""bf16 autocast settings (training, decoding, serving): off, on, or auto (on where measured faster, precision.py)."""
+
+
 def bf16_mode(value: str | bool) -> str:
     """A bf16 setting as auto/on/off; True/False are the Python API's natural spelling of on/off."""
     if isinstance(value, bool):
         return "on" if value else "off"
-    if value not in ("auto", "on", "off"):
+    if value not in BF16_MODES:
         raise ValueError(f"bf16 must be auto, on or off, got {value!r}")
     return value
 
@@ -165,6 +188,7 @@ def _task_choices() -> dict[str, str]:
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 
 
 @dataclass
@@ -307,6 +331,10 @@ class TrainConfig(ModelConfig):
     max_nonfinite_steps: int = 3
     """Skip at most this many optimizer steps in a row whose loss or gradient is NaN or infinite (a rare bad
     batch); one more stops training with an error, keeping the best prefix and resume state saved so far."""
+    report_to: str = field(default="none", metadata={"choices": REPORT_TO})
+    """Also log train loss, lr, dev loss and the final summary to an experiment tracker through accelerate
+    (main process only), besides metrics.csv and loss_curve.png; it writes under OUTPUT/trackers/. tensorboard
+    needs `pip install 'prefixtune[track]'`, wandb `pip install wandb`, mlflow `pip install mlflow`."""
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the option and its value; return self. Options left as None (the task's
@@ -325,6 +353,8 @@ class TrainConfig(ModelConfig):
             raise ValueError(f"max_grad_norm must be a finite number > 0, got {self.max_grad_norm!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         if self.batch_size is not None and self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         return self

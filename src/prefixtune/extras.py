@@ -22,13 +22,15 @@ EXTRAS: dict[str, dict[str, str]] = {
     "plots": {"matplotlib": "matplotlib"},
     "gguf": {"gguf": "gguf"},
     "ray": {"ray": "ray"},
+    "track": {"tensorboard": "tensorboard"},
 }
 """extra -> {top-level import name: the distribution in that extra that installs it} for every optional
 runtime package (starlette and pydantic come with fastapi, and our modules import them directly)."""
 
 FEATURES = {"serve": "`prefixtune serve`", "metrics": "scoring with the official metrics",
             "plots": "the loss-curve plot", "gguf": "loading a GGUF model (the default smollm2-135m)",
-            "ray": "serving replicas on Ray Serve (`prefixtune serve --ray`)"}
+            "ray": "serving replicas on Ray Serve (`prefixtune serve --ray`)",
+            "track": "`train --report-to tensorboard`"}
 """extra -> what a user was doing when it was found missing (the start of the error message)."""
 
 
@@ -69,3 +71,29 @@ def require(extra: str) -> None:
     for module in EXTRAS[extra]:
         if importlib.util.find_spec(module) is None:
             raise MissingExtra(extra, module)
+
+
+#: --report-to trackers other than tensorboard: their own (large, fast-moving) packages, left out of the
+#: extras and so out of the tested pins; name -> (import name, the pip command that installs it)
+OTHER_TRACKERS = {"wandb": ("wandb", "pip install wandb"), "mlflow": ("mlflow", "pip install mlflow")}
+
+
+class MissingTracker(MissingExtra):
+    """A `--report-to` tracker without an extra of its own (wandb, mlflow) is not installed."""
+
+    def __init__(self, tracker: str) -> None:
+        module, hint = OTHER_TRACKERS[tracker]
+        self.extra = None
+        ImportError.__init__(self, f"`train --report-to {tracker}` needs the package {module!r}, which is not "
+                                   f"installed: {hint}", name=module)
+
+
+def require_tracker(name: str) -> None:
+    """Raise MissingExtra (MissingTracker) unless the `--report-to` tracker `name` can be imported: checked
+    before any model or data is loaded, where accelerate would only warn and drop it."""
+    if name == "none":
+        return
+    if name == "tensorboard":
+        return require("track")
+    if importlib.util.find_spec(OTHER_TRACKERS[name][0]) is None:
+        raise MissingTracker(name)

@@ -158,13 +158,41 @@ class PrefixTuningModel(nn.Module):
         return gen.generate_ids(self.base, [prefix] * input_ids.shape[0], input_ids, attention_mask, **kwargs)
 
     # --- persistence ----------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None) -> None:
-        """Write prefix.safetensors + prefix_config.json: the final prefix only (no MLP, no base weights).
+    def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None, *,
+                        card: dict | None = None) -> None:
+        """Write prefix.safetensors + prefix_config.json: the final prefix only (no MLP, no base weights), and
+        README.md, a model card (modelcard.py) of the base model, the prefix's size and the facts in `card`.
 
-        `extra`: more JSON-able facts for the config file (e.g. how it was trained)."""
+        `extra`: more JSON-able facts for the config file (e.g. how it was trained). `card`: modelcard.CardFacts
+        fields (task, train_pairs, dev_pairs, data, steps, total_steps, train_loss, dev_loss, scores)."""
+        from . import modelcard
+
         with torch.no_grad():
             final = self.prefix_kv().detach()
-        checkpoint.save(directory, final, self.base, self.config, self.text_format, extra)
+        facts = {"base_model": str(getattr(self.base.config, "_name_or_path", "") or self.base.config.model_type),
+                 "model_type": self.base.config.model_type, "prefix_parameters": final.num_parameters(),
+                 "base_parameters": sum(p.numel() for p in self.base.parameters()),
+                 "prefix_length": final.length, **(card or {})}
+        modelcard.CardFacts.from_dict({**facts, "weights_sha256": "0" * 64})  # a bad fact fails before any write
+        path = checkpoint.save(directory, final, self.base, self.config, self.text_format, extra)
+        # The card is renamed into place right after the pair's commit; it names the weights' checksum, so a
+        # card older than its prefix (a kill between the two renames) is recognised, and never uploaded.
+        facts["weights_sha256"] = checkpoint.read_meta(path)["weights_sha256"]
+        modelcard.write(path, modelcard.render(facts))
+
+    def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool = False,
+                    revision: str | None = None, commit_message: str | None = None) -> str:
+        """Save this prefix (with its model card) and upload it to the Hub repository `repo_id` (created if
+        missing); returns the commit's URL. A trained run's directory: `hub_push.push_folder` (`prefixtune push`)
+        uploads it with the training facts in its card."""
+        import tempfile
+
+        from . import hub_push
+
+        with tempfile.TemporaryDirectory(prefix="prefixtune-push-") as tmp:
+            self.save_pretrained(tmp)
+            return hub_push.push_folder(tmp, repo_id, token=token, private=private, revision=revision,
+                                        commit_message=commit_message)
 
     @classmethod
     def from_peft(cls, base: PreTrainedModel, directory: str | os.PathLike, tokenizer=None) -> "PrefixTuningModel":

@@ -1,9 +1,12 @@
-"""What a training run shows and leaves behind: progress bar, metrics.csv, loss_curve.png, summary."""
+"""What a training run shows and leaves behind: progress bar, metrics.csv, loss_curve.png, summary, and
+(`--report-to`) the same values in an experiment tracker through accelerate."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,13 +16,17 @@ from .checkpoint import WEIGHTS_NAME
 from .extras import MissingExtra, needs
 
 FIELDS = ["step", "epoch", "train_loss", "lr", "dev_loss", "elapsed_s"]
+TRACKER_DIR = "trackers"  # under the run directory: where --report-to trackers write
+PROJECT = "prefixtune"  # the trackers' project (TensorBoard: the folder below TRACKER_DIR; wandb: the project)
 
 
 class RunLog:
     """Writes only on the main process; on resume, drops log rows past the resumed step."""
 
-    def __init__(self, run_dir: Path, main: bool, resume_from: int | None = None, show_progress: bool = True):
+    def __init__(self, run_dir: Path, main: bool, resume_from: int | None = None, show_progress: bool = True,
+                 tracker=None):
         self.dir, self.main, self.show_progress = Path(run_dir), main, show_progress
+        self.tracker = tracker  # the Accelerator once start_trackers ran, else None
         self.csv = self.dir / "metrics.csv"
         if not main:
             return
@@ -61,6 +68,9 @@ class RunLog:
             csv.DictWriter(f, FIELDS).writerow({"step": step, "epoch": epoch, "train_loss": f"{loss:.5f}",
                                                 "lr": f"{lr:.3e}", "dev_loss": "" if dev is None else f"{dev:.5f}",
                                                 "elapsed_s": f"{elapsed:.1f}"})
+        if self.tracker is not None:  # the unrounded values the CSV rounds
+            values = {"train_loss": loss, "lr": lr, **({"dev_loss": dev} if dev is not None else {})}
+            self.tracker.log(values, step=step)
 
     def finish(self, counters: dict, note: str, ptm) -> dict:
         weights = self.dir / WEIGHTS_NAME
@@ -70,6 +80,10 @@ class RunLog:
                    "prefix_bytes": weights.stat().st_size if weights.is_file() else None}
         if self.main:
             (self.dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if self.tracker is not None:
+                numbers = {f"summary/{k}": v for k, v in summary.items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                self.tracker.log(numbers, step=summary["steps"])
             try:
                 self.plot()
             except MissingExtra as err:  # the plot is a by-product: a finished run must not fail over it
@@ -99,6 +113,41 @@ class RunLog:
         fig.tight_layout()
         fig.savefig(self.dir / "loss_curve.png", dpi=100)
         plt.close(fig)
+
+
+def start_trackers(acc, cfg, resume_from: int | None) -> bool:
+    """Start accelerate's tracker for `cfg.report_to` (on every process; only the main one writes), writing
+    under OUTPUT/trackers/; False for "none". The Accelerator exists before the run's options reach it
+    (distributed.make_accelerator), so this sets what Accelerator(log_with=, project_dir=) would."""
+    if cfg.report_to == "none":
+        return False
+    from accelerate.tracking import filter_trackers
+
+    where = Path(cfg.output) / TRACKER_DIR
+    if acc.is_main_process:
+        where.mkdir(parents=True, exist_ok=True)
+    acc.project_configuration.project_dir = acc.project_configuration.logging_dir = str(where)
+    acc.log_with = filter_trackers([cfg.report_to], str(where))
+    name = Path(cfg.output).resolve().name
+    init = {"tensorboard": {"purge_step": resume_from + 1} if resume_from else {},  # drop what the resume redoes
+            "wandb": {"dir": str(where), "name": name}, "mlflow": {"run_name": name}}[cfg.report_to]
+    if cfg.report_to == "mlflow" and "MLFLOW_TRACKING_URI" not in os.environ:
+        import mlflow
+
+        mlflow.set_tracking_uri((where / "mlruns").resolve().as_uri())  # not ./mlruns of whatever cwd
+    acc.init_trackers(PROJECT, config=_flat_options(cfg), init_kwargs={cfg.report_to: init})
+    return True
+
+
+def _flat_options(cfg) -> dict:
+    """The run's options as trackers take hyperparameters: flat, scalars only (None left out)."""
+    flat = {}
+    for key, value in dataclasses.asdict(cfg).items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, v in items:
+            if isinstance(v, (bool, int, float, str)):
+                flat[f"{key}.{sub}" if sub else key] = v
+    return flat
 
 
 def _where(base) -> str:

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import _compat, base_model, distributed, precision, resume
+from . import _compat, base_model, distributed, extras, precision, resume
 from .config import TextFormat, TrainConfig, bf16_mode
 from .data import Encoded, batch_order, collate, encode, row_length, summed_loss, target_tokens
 from .model import PrefixTuningModel
-from .runlog import RunLog
+from .runlog import RunLog, start_trackers
 from .tasks import get_task, load_groups, low_data_split, to_examples
 
 
@@ -193,6 +193,7 @@ def train(cfg: TrainConfig) -> dict:
     cfg = resolve(cfg)
     out = Path(cfg.output)
     check_output(out)
+    extras.require_tracker(cfg.report_to)  # one line now, not a warning from accelerate after loading
     if cfg.resume and not resume.has_state(out):
         raise FileNotFoundError(f"--resume: {out} holds no resume state; start without --resume")
     state = resume.read_state(out, run_options(cfg)) if cfg.resume else None
@@ -232,12 +233,18 @@ def train(cfg: TrainConfig) -> dict:
         precision.store_frozen_linears(base)
     distributed.configure_fsdp(acc, base, trainable)
     model, optimizer, scheduler = acc.prepare(TargetLoss(ptm), optimizer, scheduler)
-    log = RunLog(out, acc.is_main_process, counters["step"] if cfg.resume else None, cfg.progress)
+    resumed = counters["step"] if cfg.resume else None
+    tracking = start_trackers(acc, cfg, resumed)
+    log = RunLog(out, acc.is_main_process, resumed, cfg.progress, tracker=acc if tracking else None)
     log.header(cfg, note, ptm, bf16, total)
     log.message(distributed.describe(acc, model, base))
     loop = _Loop(cfg, acc, model, ptm, optimizer, scheduler, counters, log, train_rows, dev_rows,
                  tokenizer.pad_token_id, autocast, int(total), steps_per_epoch, note)
-    return loop.run()
+    try:
+        return loop.run()
+    finally:
+        if tracking:  # flushes and closes the tracker's run, also when training stopped with an error
+            acc.end_training()
 
 
 @dataclasses.dataclass
@@ -266,6 +273,7 @@ class _Loop:
         self.fsdp = distributed.is_fsdp(self.acc)
         self.eval_every = self.cfg.eval_every or self.steps_per_epoch
         self.lengths = [row_length(r) for r in self.train_rows]
+        self.train_loss: float | None = None  # the last step's, for the model card
 
     def run(self) -> dict:
         c, cfg = self.counters, self.cfg
@@ -282,7 +290,7 @@ class _Loop:
             distributed.average_replicated_grads(self.acc, params)
             self._update(params, loss, step + 1, lr)
             self.scheduler.step()  # skipped updates too: the schedule follows the step count, as lr_at does
-            c["step"], c["elapsed"] = step + 1, time.time() - started
+            c["step"], c["elapsed"], self.train_loss = step + 1, time.time() - started, loss
             dev = self._maybe_evaluate()
             self.log.step(c["step"], epoch + 1, loss, lr, dev, c["elapsed"], bar)
             # not inside a run of skipped steps: a resume state never moves into a divergence
@@ -345,7 +353,7 @@ class _Loop:
         elif c["best_dev"] is None or loss < c["best_dev"]:
             c["best_dev"], c["bad_evals"] = loss, 0
             if self.acc.is_main_process:  # the prefix parameters are whole on every process, FSDP included
-                self.ptm.save_pretrained(self.cfg.output, extra={"training": self._facts(loss)})
+                self.ptm.save_pretrained(self.cfg.output, extra={"training": self._facts(loss)}, card=self._card(loss))
         else:
             c["bad_evals"] += 1
         return loss
@@ -354,6 +362,12 @@ class _Loop:
         cfg = self.cfg
         return {"task": cfg.task, "model": cfg.model, "step": self.counters["step"], "dev_loss": round(loss, 5),
                 "train_size": cfg.train_size, "seed": cfg.seed, "data": self.note}
+
+    def _card(self, loss: float) -> dict:
+        """The model card's facts (modelcard.CardFacts) of the prefix saved at this step."""
+        return {"base_model": self.cfg.model, "task": self.cfg.task, "train_pairs": len(self.train_rows),
+                "dev_pairs": len(self.dev_rows), "data": self.note, "steps": self.counters["step"],
+                "total_steps": self.total, "train_loss": self.train_loss, "dev_loss": loss}
 
     def _checkpoint(self) -> None:
         self.acc.wait_for_everyone()

@@ -30,7 +30,9 @@ from prefixtune import MultiPrefixModel  # noqa: E402
 from prefixtune.cli import model_config  # noqa: E402
 from prefixtune.base_model import load  # noqa: E402
 from prefixtune.serve import add_cli_arguments  # noqa: E402
-from prefixtune.serve.ray_serve import REPLICA_HEADER, _ProxyErrors, deployment, http_options, init_ray  # noqa: E402
+from prefixtune.serve.settings import settings_from_args  # noqa: E402
+from prefixtune.serve.ray_serve import (PROXY_CALLBACK, PROXY_CALLBACK_ENV, PROXY_HEADER, REPLICA_HEADER,  # noqa: E402
+                                        _ProxyErrors, deployment, http_options, init_ray, missing_middleware)
 from test_app import alone, save_prefix  # noqa: E402
 from test_storewatch import replace  # noqa: E402
 
@@ -171,8 +173,9 @@ def test_sigkilled_replica_is_restarted_and_no_request_hangs(cluster):
     until_both(client, req, lambda r: r.status_code == 200 and r.json()["outputs"][0]["text"] == want[0], 30)
 
 
-def test_proxy_errors_become_503_unless_a_replica_made_them():
-    """_ProxyErrors alone (no Ray): a bare 500 becomes 503 replica_unavailable; a replica's own error passes."""
+def test_proxy_errors_get_the_server_shape_unless_a_replica_made_them():
+    """_ProxyErrors alone (no Ray): a bare 500 becomes 503 replica_unavailable, Ray's backpressure 503 becomes
+    503 queue_full, its 408 becomes 408 timeout; a replica's own error passes; every answer is marked."""
     from starlette.responses import PlainTextResponse
 
     async def bare(scope, receive, send):
@@ -180,15 +183,67 @@ def test_proxy_errors_become_503_unless_a_replica_made_them():
             return
         if scope["path"] == "/raises":
             raise RuntimeError("ActorDiedError")
+        status, text = {"/full": (503, "Request dropped due to backpressure (num_queued_requests=1)."),
+                        "/late": (408, "Request abc timed out after 1.0s.")}.get(scope["path"], (500, "Internal Server Error"))
         headers = {REPLICA_HEADER: "r1"} if scope["path"] == "/own" else {}
-        await PlainTextResponse("Internal Server Error", status_code=500, headers=headers)(scope, receive, send)
+        await PlainTextResponse(text, status_code=status, headers=headers)(scope, receive, send)
 
     async def ask(path):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=_ProxyErrors(bare)), base_url="http://t") as c:
             return await c.get(path)
 
+    def error(response, status, kind):
+        assert response.status_code == status and response.json()["error"]["type"] == kind, response.text
+        assert response.headers[PROXY_HEADER] == "1"
+        return response
+
+    for path in "/v1/generate", "/raises", "/silent":
+        assert error(asyncio.run(ask(path)), 503, "replica_unavailable").headers["retry-after"] == "1"
+    assert error(asyncio.run(ask("/full")), 503, "queue_full").headers["retry-after"] == "1"
+    assert "retry-after" not in error(asyncio.run(ask("/late")), 408, "timeout").headers
     own = asyncio.run(ask("/own"))
-    for proxied in asyncio.run(ask("/v1/generate")), asyncio.run(ask("/raises")), asyncio.run(ask("/silent")):
-        assert proxied.status_code == 503 and proxied.headers["retry-after"] == "1"
-        assert proxied.json()["error"]["type"] == "replica_unavailable"
-    assert own.status_code == 500 and own.text == "Internal Server Error"
+    assert own.status_code == 500 and own.text == "Internal Server Error" and own.headers[PROXY_HEADER] == "1"
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["middleware", "no-middleware"])
+def test_the_start_sees_whether_the_proxy_has_the_middleware(marked):
+    """missing_middleware against a stand-in proxy: None when /health carries PROXY_HEADER, else the fix."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            if marked:
+                self.send_header(PROXY_HEADER, "1")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        problem = missing_middleware(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=5)
+    finally:
+        server.shutdown()
+    if marked:
+        assert problem is None
+    else:
+        assert f"{PROXY_CALLBACK_ENV}={PROXY_CALLBACK}" in problem and "ray start" in problem
+    assert "cannot reach" in missing_middleware(f"http://127.0.0.1:{free_port()}", timeout_s=5)
+
+
+def test_proxy_flags_need_ray_and_set_the_proxy_options():
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    base = ["--model", "m", "--prefix-dir", "p"]
+    for extra, message in ((["--ray-address", "127.0.0.1:6379"], "--ray-address 127.0.0.1:6379 needs --ray"),
+                           (["--ray-queue", "4"], "--ray-queue 4 needs --ray"),
+                           (["--ray", "--ray-queue", "0"], "--ray-queue must be >= 1, got 0"),
+                           (["--ray", "--ray-timeout-s", "0"], "--ray-timeout-s must be > 0 seconds, got 0.0")):
+        with pytest.raises(ValueError, match=message):
+            settings_from_args(parser.parse_args(base + extra))
+    args = parser.parse_args(base + ["--ray", "--request-timeout-s", "50"])
+    assert http_options(args)["request_timeout_s"] == 80  # behind the server's own 504
+    args = parser.parse_args(base + ["--ray", "--ray-timeout-s", "2.5", "--ray-address", "10.0.0.1:6379"])
+    assert http_options(args)["request_timeout_s"] == 2.5 and settings_from_args(args).store_poll_s == 2.0

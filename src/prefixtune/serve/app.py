@@ -30,6 +30,7 @@ from ..decoding.api import decode_workload
 from ..extras import needs
 from ..base_model import load
 from ..multi import MultiPrefixModel, NamedPrefix
+from ..peft_import import is_peft_checkpoint
 from .metrics import CONTENT_TYPE, Metrics
 from .openai_routes import OpenAIApi
 from .requestlog import RequestLog
@@ -137,9 +138,7 @@ def create_app(multi: MultiPrefixModel, settings: ServeSettings) -> FastAPI:
         raise ValueError("serving needs MultiPrefixModel(base, tokenizer)")
     metrics = Metrics()
     root = None if settings.prefix_dir is None else Path(settings.prefix_dir)
-    if settings.store_poll_s and root is None:
-        raise ValueError(f"store_poll_s={settings.store_poll_s:g} watches the prefix directory: set prefix_dir, or 0")
-    cache = TaskCache(multi, metrics, root, settings.max_tasks, settings.pin)
+    cache = TaskCache(multi, metrics, root, settings.max_tasks, settings.pin, settings.peft_text_format())
     cache.start()
     watch = StoreWatch(cache, settings.store_poll_s) if settings.store_poll_s else None
     batcher = Batcher(multi, metrics, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
@@ -242,8 +241,8 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         torch.set_num_threads(args.torch_threads)
     model, tokenizer = load(model_cfg)
     multi = MultiPrefixModel(model, tokenizer)
-    for name, path in explicit:
-        multi.add(name, path)
+    for name, path in explicit:  # a PEFT checkpoint here takes --peft-source-format, as in --prefix-dir
+        multi.add(name, path, settings.peft_text_format() if is_peft_checkpoint(path) else None)
     return create_app(multi, settings)  # ValueError: a pin that cannot load, --max-tasks too small for the pins
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ..config import GenerateConfig
+from ..config import GenerateConfig, field_docs
 
 BOUNDS: dict[str, tuple[float, float]] = {
     "temperature": (0.01, 100.0), "top_p": (0.001, 1.0), "length_penalty": (-10.0, 10.0), "seed": (0, 2**63 - 1)}
@@ -37,32 +38,48 @@ def _range(name: str) -> str:
 
 
 # --- request and response bodies (the OpenAPI schema) ------------------------------------------------
-class GenerateRequest(BaseModel):
-    """One task, one input or a list of inputs, and decoding options (default: greedy)."""
-
-    model_config = ConfigDict(extra="forbid")
-    task: str = Field(description="Name of a loaded task (GET /v1/tasks).", examples=["e2e"])
-    input: str | list[str] = Field(description="A source text, or a list of them (one output each, in order).")
-    max_new_tokens: int | None = Field(None, description="Tokens to generate at most (default and cap: server settings).")
-    min_new_tokens: int = Field(0, description="The end-of-text token is blocked before this many tokens.")
-    num_beams: int = Field(1, description="1: greedy or sampling (streamable); more: beam search (at most the "
-                           "server's max_beams, and inputs x num_beams at most its max_lanes_per_request).")
-    do_sample: bool = Field(False, description="Sample (with num_beams=1) instead of greedy decoding.")
-    temperature: float = Field(1.0, description="Sampling temperature," + _range("temperature"))
-    top_p: float = Field(1.0, description="Nucleus sampling threshold," + _range("top_p"))
-    block_newlines: bool = Field(True, description="Forbid tokens containing a newline (the paper's decoding).")
-    length_penalty: float = Field(1.0, description="Beam search length penalty," + _range("length_penalty"))
-    seed: int | None = Field(None, description="Sampling seed; input k of the list samples with seed + k;"
-                             + _range("seed"))
-    stream: bool = Field(False, description="Answer with server-sent events: token deltas, then the full result.")
+NOT_PER_REQUEST = {"bf16": "the server's precision (serve --bf16)", "batch_size": "the scheduler forms batches",
+                   "early_stopping": "the server's beam search is always classic (True)"}
+"""GenerateConfig fields a request cannot set, and why: every other field is a request field."""
+REQUEST_DEFAULTS: dict[str, object] = {"num_beams": 1, "min_new_tokens": 0, "max_new_tokens": None}
+"""Where a request's default differs from GenerateConfig's (the paper's beam 5 / min 5): greedy, no minimum,
+and max_new_tokens from the server's settings."""
+_NOTES = {
+    "max_new_tokens": " Default and cap: the server's settings.",
+    "num_beams": " More than 1 is at most the server's max_beams, and inputs x num_beams at most its "
+                 "max_lanes_per_request; 1 is streamable.",
+    "seed": " Input k of a list samples with seed + k.",
+}
+"""What the server adds to a field's GenerateConfig docstring (besides the BOUNDS range)."""
 
 
-DECODING_FIELDS = tuple(name for name in GenerateRequest.model_fields
-                        if name in {f.name for f in dataclasses.fields(GenerateConfig)} and name != "max_new_tokens")
-"""Request fields that are GenerateConfig fields (max_new_tokens is resolved against server limits first)."""
-_unknown = set(GenerateRequest.model_fields) - set(DECODING_FIELDS) - {"task", "input", "stream", "max_new_tokens"}
-if _unknown:  # a decoding option added to the schema must exist in GenerateConfig, where options are declared
-    raise TypeError(f"GenerateRequest fields {sorted(_unknown)} are not GenerateConfig fields")
+def decoding_fields(config_cls=GenerateConfig) -> dict[str, tuple]:
+    """The request's decoding fields, for pydantic.create_model: (type, Field) from each GenerateConfig field
+    not in NOT_PER_REQUEST, described by its docstring (declared once, in config.py) plus the server's notes."""
+    docs, hints = field_docs(config_cls), typing.get_type_hints(config_cls)
+    out = {}
+    for f in dataclasses.fields(config_cls):
+        if f.name in NOT_PER_REQUEST:
+            continue
+        default = REQUEST_DEFAULTS.get(f.name, f.default)
+        kind = hints[f.name] | None if default is None else hints[f.name]
+        accepted = f" Accepted:{_range(f.name)}" if f.name in BOUNDS else ""
+        out[f.name] = (kind, Field(default, description=docs.get(f.name, "") + _NOTES.get(f.name, "") + accepted))
+    return out
+
+
+GenerateRequest = create_model(
+    "GenerateRequest", __config__=ConfigDict(extra="forbid"),
+    __doc__="One task, one input or a list of inputs, and decoding options (default: greedy).",
+    task=(str, Field(description="Name of a loaded task (GET /v1/tasks).", examples=["e2e"])),
+    input=(str | list[str], Field(description="A source text, or a list of them (one output each, in order).")),
+    **decoding_fields(),
+    stream=(bool, Field(False, description="Answer with server-sent events: token deltas, then the full result.")),
+)
+
+DECODING_FIELDS = tuple(name for name in decoding_fields() if name != "max_new_tokens")
+"""Request fields copied into the GenerateConfig a request decodes with (max_new_tokens is resolved against
+the server's limits first)."""
 
 
 class Output(BaseModel):

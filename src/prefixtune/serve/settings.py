@@ -10,10 +10,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import BF16_MODES, TextFormat
+
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """Task names (matched in full): a letter or digit, then up to 63 of letters, digits, '_', '.', '-'."""
 LOG_FORMATS = ("text", "json")
-BF16_MODES = ("off", "on", "auto")
 RAY_STORE_POLL_S = 2.0
 """--store-poll-s under --ray when not given."""
 API_KEY_ENV = "PREFIXTUNE_API_KEY"
@@ -25,7 +26,11 @@ class ServeSettings:
     """Limits and behaviour of one server; each field has a `prefixtune serve` flag of the same name."""
 
     prefix_dir: Path | None = None
-    """Each subdirectory holding a saved prefix is a task of that name; PUT /v1/tasks/{name} loads only from here."""
+    """Each subdirectory holding a saved prefix or a PEFT PrefixTuning checkpoint (adapter_config.json +
+    adapter_model.safetensors) is a task of that name; PUT /v1/tasks/{name} loads only from here."""
+    peft_source_format: str = TextFormat().source
+    """Source template of tasks that are PEFT PrefixTuning checkpoints, PEFT saving no text format (must contain
+    {input}; {eos} is the tokenizer's end-of-text token); saved prefixtune prefixes keep their own."""
     max_batch_size: int = 16
     """Rows decoded together in one forward pass, tasks mixed: the main throughput lever."""
     max_wait_ms: float = 10.0
@@ -70,7 +75,8 @@ class ServeSettings:
     """text: uvicorn's access log; json: one JSON line per generation request (task, route, status, tokens, latency)."""
     store_poll_s: float = 0.0
     """Every this many seconds, look for prefixes added, replaced or deleted in prefix_dir (the mtime and size of
-    each NAME/prefix_config.json and its weights) and load, reload or unload them; 0: never (PUT/DELETE only).
+    each NAME/prefix_config.json and its weights, or of a PEFT checkpoint's adapter_config.json and
+    adapter_model.safetensors) and load, reload or unload them; 0: never (PUT/DELETE only).
     Replicas that share one prefix directory (`--ray`) see a change within about this long, plus the load."""
 
     def validate(self) -> "ServeSettings":
@@ -89,13 +95,24 @@ class ServeSettings:
         bad = [name for name in self.pin if not TASK_NAME.fullmatch(name)]
         if bad:
             raise ValueError(f"ServeSettings.pin: {bad[0]!r} is not a task name (letters, digits, '_', '.', '-')")
+        if self.store_poll_s and self.prefix_dir is None:
+            raise ValueError(f"ServeSettings.store_poll_s={self.store_poll_s:g} watches the prefix directory: set "
+                             "prefix_dir, or 0")
         if self.bf16 not in BF16_MODES:
             raise ValueError(f"ServeSettings.bf16 must be one of {BF16_MODES}, got {self.bf16!r}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"ServeSettings.log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
+        try:
+            self.peft_text_format()
+        except ValueError as err:
+            raise ValueError(f"ServeSettings.peft_source_format: {err}") from None
         if self.default_new_tokens > self.max_new_tokens:
             raise ValueError(f"default_new_tokens ({self.default_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})")
         return self
+
+    def peft_text_format(self) -> TextFormat:
+        """The text format of PEFT tasks (ValueError when peft_source_format lacks {input})."""
+        return TextFormat(source=self.peft_source_format).validate()
 
 
 # --- CLI (wired as `prefixtune serve` in cli.py) ------------------------------------------------------
@@ -113,13 +130,15 @@ _LIMIT_FLAGS = {
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """All `prefixtune serve` flags; the base model's (--model, --device, ...) are ModelConfig's, as for
     `generate` and `evaluate`."""
-    from ..cli import add_model_options  # here: cli builds this parser, so it imports this module lazily too
+    from ..cli import add_model_options, add_peft_format_option  # cli builds this parser, so imports this lazily
 
     defaults = ServeSettings()
     add_model_options(parser)
-    parser.add_argument("--prefix-dir", type=Path, required=True, help="directory of tasks: DIR/NAME/ holds a saved prefix")
+    parser.add_argument("--prefix-dir", type=Path, required=True,
+                        help="directory of tasks: DIR/NAME/ holds a saved prefix or a PEFT PrefixTuning checkpoint")
     parser.add_argument("--prefix", action="append", default=[], metavar="NAME=PATH",
                         help="extra task from a saved prefix elsewhere (repeatable; wins over DIR/NAME)")
+    add_peft_format_option(parser)  # the same flag as generate's and evaluate's: declared once, in cli.py
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
@@ -150,6 +169,15 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=1, metavar="N", help="Ray Serve replicas (with --ray; default 1)")
     parser.add_argument("--replica-cpus", type=float, default=1.0, metavar="C",
                         help="CPUs Ray reserves for each replica (with --ray; default 1)")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="join the Ray cluster at ADDR (host:port of its head) instead of starting one "
+                             "(with --ray; default $RAY_ADDRESS, if set)")
+    parser.add_argument("--ray-queue", type=int, default=None, metavar="N",
+                        help="requests the proxy queues per replica beyond those running; past that 503 queue_full "
+                             "(with --ray; default 64)")
+    parser.add_argument("--ray-timeout-s", type=float, default=None, metavar="S",
+                        help="the proxy answers 408 timeout after S seconds (with --ray; default "
+                             "--request-timeout-s + 30, so the server's own 504 comes first)")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -162,13 +190,27 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         raise ValueError(f"--replicas {args.replicas} / --replica-cpus {args.replica_cpus} need --ray")
     if ray and args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    _check_ray_proxy(args, ray)
     poll = getattr(args, "store_poll_s", None)
     if poll is None:  # replicas share the directory and PUT/DELETE reach only one of them: watch by default
         poll = RAY_STORE_POLL_S if ray else 0.0
     return ServeSettings(prefix_dir=args.prefix_dir, api_key=_api_key(args), mix_tasks=not args.one_task_per_batch,
                          max_tasks=args.max_tasks, pin=tuple(args.pin), log_format=args.log_format, bf16=args.bf16,
-                         store_poll_s=poll, **limits).validate()
+                         store_poll_s=poll, peft_source_format=args.peft_source_format, **limits).validate()
 
+
+
+def _check_ray_proxy(args: argparse.Namespace, ray: bool) -> None:
+    """--ray-address/--ray-queue/--ray-timeout-s: only with --ray, and in range."""
+    given = {flag: getattr(args, name, None) for flag, name in
+             (("--ray-address", "ray_address"), ("--ray-queue", "ray_queue"), ("--ray-timeout-s", "ray_timeout_s"))}
+    for flag, value in given.items():
+        if value is not None and not ray:
+            raise ValueError(f"{flag} {value} needs --ray")
+    if given["--ray-queue"] is not None and given["--ray-queue"] < 1:
+        raise ValueError(f"--ray-queue must be >= 1, got {given['--ray-queue']}")
+    if given["--ray-timeout-s"] is not None and not given["--ray-timeout-s"] > 0:
+        raise ValueError(f"--ray-timeout-s must be > 0 seconds, got {given['--ray-timeout-s']}")
 
 
 def _api_key(args: argparse.Namespace) -> str | None:

@@ -1,4 +1,9 @@
-"""The prefix directory, the server's only state: task names, loading, and skipping broken prefixes."""
+"""The prefix directory, the server's only state: task names, loading, and skipping broken prefixes.
+
+A task directory holds a saved prefixtune prefix or a PEFT PrefixTuning checkpoint (adapter_config.json +
+adapter_model.safetensors). PEFT saves no text format, so PEFT tasks get the server's one
+(`ServeSettings.peft_source_format`), passed in as `peft_format`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ import logging
 from pathlib import Path
 
 from .. import checkpoint
+from ..config import TextFormat
 from ..multi import MultiPrefixModel, NamedPrefix
+from ..peft_import import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, is_peft_checkpoint
 from .schema import ApiError
 from .settings import TASK_NAME
 
@@ -25,14 +32,22 @@ def task_dir(root: Path, name: str) -> Path:
     return path
 
 
-def load_task(multi: MultiPrefixModel, root: Path, name: str) -> NamedPrefix:
-    """(Re)load task `name` from `root`/name (safetensors only, via checkpoint.load_for)."""
+def holds_prefix(path: Path) -> bool:
+    """Whether directory `path` is a task: a saved prefix's config or a PEFT checkpoint's config is there (a
+    missing weights file is the loader's to report: it may be half copied)."""
+    return (path / checkpoint.CONFIG_NAME).is_file() or (path / PEFT_CONFIG_NAME).is_file()
+
+
+def load_task(multi: MultiPrefixModel, root: Path, name: str, peft_format: TextFormat | None = None) -> NamedPrefix:
+    """(Re)load task `name` from `root`/name (safetensors only): a saved prefix with its own text format, or a
+    PEFT PrefixTuning checkpoint with `peft_format` (else the default)."""
     path = task_dir(root, name)
     try:
-        return multi.add(name, path)
+        return multi.add(name, path, peft_format if is_peft_checkpoint(path) else None)
     except FileNotFoundError:
         raise ApiError(404, "prefix_not_found", f"task {name!r}: no saved prefix in the prefix directory (expected "
-                       f"{name}/{checkpoint.CONFIG_NAME} and {name}/{checkpoint.WEIGHTS_NAME})") from None
+                       f"{name}/{checkpoint.CONFIG_NAME} and {name}/{checkpoint.WEIGHTS_NAME}, or a PEFT "
+                       f"checkpoint's {name}/{PEFT_CONFIG_NAME} and {name}/{PEFT_WEIGHTS_NAME})") from None
     except ValueError as err:  # PrefixMismatchError or a damaged prefix; hide server paths
         raise ApiError(422, "invalid_prefix", f"task {name!r}: " + _hide(str(err), root, name)) from None
     except Exception as err:  # damage the loader did not name (a reader's own error): still this prefix's fault
@@ -60,14 +75,14 @@ def public_source(task: NamedPrefix, root: Path | None) -> str:
     return "file"
 
 
-def load_prefix_dir(multi: MultiPrefixModel, root: Path) -> list[str]:
+def load_prefix_dir(multi: MultiPrefixModel, root: Path, peft_format: TextFormat | None = None) -> list[str]:
     """Load every task of `root` that is not loaded yet (explicit --prefix tasks win); skip broken ones."""
     loaded, have = [], set(multi.tasks())
     for sub in sorted(root.iterdir()):
-        if sub.name in have or not (sub / checkpoint.CONFIG_NAME).is_file():
+        if sub.name in have or not holds_prefix(sub):
             continue
         try:
-            load_task(multi, root, sub.name)
+            load_task(multi, root, sub.name, peft_format)
             loaded.append(sub.name)
         except ApiError as err:
             logger.warning("skipping %s: %s", sub, err.message)

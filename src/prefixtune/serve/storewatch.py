@@ -3,9 +3,10 @@ restart (`ServeSettings.store_poll_s`).
 
 Polling, not inotify: it works the same on network and container filesystems, which is where several
 replicas (`--ray`) share one directory, and a few stat calls per task every couple of seconds cost nothing
-next to decoding. A task's stamp is the mtime and size of its prefix_config.json and weights file; a stamp
-that changes while a prefix is being written is loaded when the files read back whole (a half-written
-prefix fails to load, the old one stays, and the next poll tries again).
+next to decoding. A task's stamp is the mtime and size of its prefix_config.json and weights file (a PEFT
+checkpoint's: adapter_config.json and adapter_model.safetensors); a stamp that changes while a prefix is
+being written is loaded when the files read back whole (a half-written prefix fails to load, the old one
+stays, and the next poll tries again).
 """
 
 from __future__ import annotations
@@ -15,32 +16,47 @@ import threading
 from pathlib import Path
 
 from .. import checkpoint
+from ..peft_import import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
 from .schema import ApiError
 from .settings import TASK_NAME
 from .taskcache import TaskCache
 
 logger = logging.getLogger("prefixtune.serve")
 
-Stamp = tuple[int, int, int, int]
-"""(config mtime_ns, config size, weights mtime_ns, weights size); weights (0, 0) while missing."""
+Stamp = tuple[int, int, int, int, int]
+"""(kind, config mtime_ns, config size, weights mtime_ns, weights size); weights (0, 0) while missing. kind is
+the index in `_KINDS`, so a directory that turns from one kind into the other is reloaded."""
+
+_KINDS = ((checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME), (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME))
+"""(config, weights) file names of a saved prefix, then of a PEFT checkpoint: the loader's order too (a
+directory holding both is a saved prefix)."""
+
+
+def _stamp(sub: Path) -> Stamp | None:
+    for kind, (config_name, weights_name) in enumerate(_KINDS):
+        try:
+            config = (sub / config_name).stat()
+        except OSError:
+            continue
+        try:
+            weights = (sub / weights_name).stat()
+            wstamp = (weights.st_mtime_ns, weights.st_size)
+        except OSError:
+            wstamp = (0, 0)
+        return (kind, config.st_mtime_ns, config.st_size, *wstamp)
+    return None
 
 
 def scan(root: Path) -> dict[str, Stamp]:
-    """Every task directory of `root` that holds a prefix_config.json -> its stamp (missing or racing files skipped)."""
+    """Every task directory of `root` that holds a prefix_config.json or a PEFT adapter_config.json -> its stamp
+    (missing or racing files skipped)."""
     stamps: dict[str, Stamp] = {}
     for sub in list(root.iterdir()):
         if not TASK_NAME.fullmatch(sub.name):
             continue
-        try:
-            config = (sub / checkpoint.CONFIG_NAME).stat()
-        except OSError:
-            continue
-        try:
-            weights = (sub / checkpoint.WEIGHTS_NAME).stat()
-            wstamp = (weights.st_mtime_ns, weights.st_size)
-        except OSError:
-            wstamp = (0, 0)
-        stamps[sub.name] = (config.st_mtime_ns, config.st_size, *wstamp)
+        stamp = _stamp(sub)
+        if stamp is not None:
+            stamps[sub.name] = stamp
     return stamps
 
 
@@ -49,8 +65,6 @@ class StoreWatch:
     (tests call it directly), `start` runs it every `period_s` seconds in a daemon thread until `stop`."""
 
     def __init__(self, cache: TaskCache, period_s: float):
-        if cache.root is None:
-            raise ValueError("watching the prefix store needs a prefix directory (store_poll_s > 0 without prefix_dir)")
         self.cache, self.period_s = cache, period_s
         self._seen: dict[str, Stamp] = scan(cache.root)  # what start() loaded is the baseline
         self._stop = threading.Event()

@@ -12,11 +12,11 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
-from .. import checkpoint
+from ..config import TextFormat
 from ..multi import MultiPrefixModel, NamedPrefix
 from .metrics import Metrics
 from .schema import ApiError
-from .store import load_prefix_dir, load_task, task_dir
+from .store import holds_prefix, load_prefix_dir, load_task, task_dir
 
 _LISTED = 20
 """Loaded task names an unknown-task error lists at most (a server may hold thousands)."""
@@ -29,11 +29,13 @@ class TaskCache:
     `--prefix NAME=PATH` tasks and tasks added in memory stay. Thread-safe: a hit holds a short lock
     (it runs on the event loop); loads run one at a time under a second lock (in worker threads), so two
     requests for the same missing task load it once and a load never holds up a hit.
+
+    `peft_format` is the text format of tasks that are PEFT checkpoints (PEFT saves none; None: the default).
     """
 
     def __init__(self, multi: MultiPrefixModel, metrics: Metrics, root: Path | None, max_tasks: int | None = None,
-                 pins: Sequence[str] = ()):
-        self.multi, self.metrics, self.root = multi, metrics, root
+                 pins: Sequence[str] = (), peft_format: TextFormat | None = None):
+        self.multi, self.metrics, self.root, self.peft_format = multi, metrics, root, peft_format
         self.max_tasks, self.pins = max_tasks, frozenset(pins)
         self._order: OrderedDict[str, bool] = OrderedDict()
         """Resident task names, least recently used first -> whether the task may be evicted."""
@@ -50,7 +52,7 @@ class TaskCache:
         Raises ValueError for a pin that cannot be loaded, or when the unevictable tasks leave no room.
         """
         if self.root is not None and self.max_tasks is None:
-            load_prefix_dir(self.multi, self.root)
+            load_prefix_dir(self.multi, self.root, self.peft_format)
         for name in sorted(self.pins):
             if self.root is None:
                 raise ValueError(f"--pin {name}: pinning needs --prefix-dir")
@@ -93,7 +95,7 @@ class TaskCache:
         if self.root is None:
             raise ApiError(400, "no_prefix_dir", "this server was started without a prefix directory")
         with self._loading:
-            task = load_task(self.multi, self.root, name)
+            task = load_task(self.multi, self.root, name, self.peft_format)
             with self._lock:
                 self._retired.discard(name)
                 self._order.pop(name, None)
@@ -148,8 +150,9 @@ class TaskCache:
             return task
 
     def _on_disk(self, name: str) -> bool:
-        """Whether `root`/name holds a saved prefix; task_dir answers 400 for a bad name or one outside `root`."""
-        return self.root is not None and (task_dir(self.root, name) / checkpoint.CONFIG_NAME).is_file()
+        """Whether `root`/name holds a saved prefix or a PEFT checkpoint; task_dir answers 400 for a bad name or
+        one outside `root`."""
+        return self.root is not None and holds_prefix(task_dir(self.root, name))
 
     def _register(self, name: str, task: NamedPrefix) -> None:
         if name not in self._order:

@@ -73,6 +73,19 @@ def low_data_recipe(defaults: TrainDefaults) -> TrainDefaults:
     return replace(defaults, lr=5e-5, batch_size=10)
 
 
+def official_scorer(name: str, doc: str) -> Scorer:
+    """A Scorer calling ``metrics.<name>(predictions, reference lists)``, described by ``doc``. The metrics
+    package is imported when scoring, not here: loading data never needs the scorers' packages."""
+
+    def score(predictions: list[str], groups: list[SourceGroup]) -> dict:
+        from .. import metrics
+
+        return getattr(metrics, name)(predictions, reference_lists(groups))
+
+    score.__doc__, score.__name__ = doc, f"score_{name}"
+    return score
+
+
 @dataclass(frozen=True)
 class MetricSet:
     """How a task is scored and shown."""
@@ -116,14 +129,15 @@ class TaskSpec:
     name: str
     splits: tuple[str, ...]
     description: str
-    kind: str  # "data-to-text" or "summarization"
-    default_split_for_training: str
     note: str
     loader: Loader = field(repr=False, compare=False)
     defaults: TrainDefaults
     """The training recipe for the full training set."""
     metrics: MetricSet = field(repr=False, compare=False)
     """How outputs for this task are scored and tabled."""
+    kind: str = "data-to-text"
+    """"data-to-text" or "summarization"."""
+    default_split_for_training: str = "train"
 
     def __post_init__(self) -> None:
         if "\n" in self.description:

@@ -12,16 +12,8 @@ import json
 import os
 import pathlib
 
-from .base import (
-    MetricSet,
-    SourceGroup,
-    TaskSpec,
-    TrainDefaults,
-    existing_file,
-    find_data_path,
-    group_pairs,
-    reference_lists,
-)
+from .base import (MetricSet, SourceGroup, TaskSpec, TrainDefaults, existing_file, find_data_path, group_pairs,
+                   official_scorer)
 from .webnlg import read_benchmark_xml
 
 DART_FILES = {"train": "dart/dart-v1.1.1-full-dev.json", "test": "dart/dart-v1.1.1-full-test.xml"}
@@ -88,19 +80,13 @@ def load_dart(split: str, data_dir: str | os.PathLike | None, path: str | None) 
     return read_dart_xml(file) if file.suffix.lower() == ".xml" else read_dart_json(file)
 
 
-def score_dart(predictions: list[str], groups: list[SourceGroup]) -> dict:
-    """BLEU, METEOR and TER as DART's ``run_eval_on_dart.sh`` computes them."""
-    from .. import metrics  # imported when scoring: loading data never needs the scorers' packages
-
-    return metrics.dart_scores(predictions, reference_lists(groups))
+score_dart = official_scorer("dart_scores", "BLEU, METEOR and TER as DART's run_eval_on_dart.sh computes them.")
 
 
 SPEC = TaskSpec(
     name="dart",
     splits=("train", "test"),
     description="DART v1.1.1: open-domain triples to text ('subj : rel : obj' joined by ' | ')",
-    kind="data-to-text",
-    default_split_for_training="train",
     note=DART_NOTE,
     loader=load_dart,
     defaults=TrainDefaults(lr=5e-5, epochs=10, batch_size=5, prefix_length=10),

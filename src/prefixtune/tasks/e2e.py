@@ -11,16 +11,8 @@ import csv
 import os
 import pathlib
 
-from .base import (
-    MetricSet,
-    SourceGroup,
-    TaskSpec,
-    TrainDefaults,
-    existing_file,
-    find_data_path,
-    group_pairs,
-    reference_lists,
-)
+from .base import (MetricSet, SourceGroup, TaskSpec, TrainDefaults, existing_file, find_data_path, group_pairs,
+                   official_scorer)
 
 E2E_FILES = {"train": "e2e/devset.csv", "test": "e2e/testset_w_refs.csv"}
 
@@ -84,19 +76,14 @@ def load_e2e(split: str, data_dir: str | os.PathLike | None, path: str | None) -
     return read_e2e_csv(file)
 
 
-def score_e2e(predictions: list[str], groups: list[SourceGroup]) -> dict:
-    """BLEU, NIST, METEOR, ROUGE-L and CIDEr as the official e2e-metrics script computes them."""
-    from .. import metrics  # imported when scoring: loading data never needs the scorers' packages
-
-    return metrics.e2e_scores(predictions, reference_lists(groups))
+score_e2e = official_scorer("e2e_scores", "BLEU, NIST, METEOR, ROUGE-L and CIDEr as the official e2e-metrics "
+                            "script computes them.")
 
 
 SPEC = TaskSpec(
     name="e2e",
     splits=("train", "test"),
     description="E2E NLG Challenge: restaurant meaning representations to text (MR as in the CSV)",
-    kind="data-to-text",
-    default_split_for_training="train",
     note=E2E_NOTE,
     loader=load_e2e,
     defaults=TrainDefaults(lr=8e-5, epochs=5, batch_size=10, prefix_length=5),

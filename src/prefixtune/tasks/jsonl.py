@@ -14,7 +14,8 @@ import os
 import pathlib
 from collections.abc import Iterator
 
-from .base import MetricSet, SourceGroup, TaskSpec, TrainDefaults, existing_file, group_pairs, reference_lists
+from .base import (MetricSet, SourceGroup, TaskSpec, TrainDefaults, existing_file, group_pairs,
+                   official_scorer)
 from .dart import score_dart
 
 USER_SPLITS = ("train", "dev", "test")
@@ -85,19 +86,14 @@ def _loader(task: str, input_key: str, output_key: str):
     return load
 
 
-def score_rouge(predictions: list[str], groups: list[SourceGroup]) -> dict:
-    """ROUGE-1/2/L F-measure (rouge-score, stemming), each prediction against its best reference."""
-    from .. import metrics  # imported when scoring: loading data never needs the scorers' packages
-
-    return metrics.rouge_scores(predictions, reference_lists(groups))
+score_rouge = official_scorer("rouge_scores", "ROUGE-1/2/L F-measure (rouge-score, stemming), each prediction "
+                              "against its best reference.")
 
 
 JSONL_SPEC = TaskSpec(
     name="jsonl",
     splits=USER_SPLITS,
     description='your own data-to-text pairs: JSONL lines {"input": str, "output": str | list[str]}',
-    kind="data-to-text",
-    default_split_for_training="train",
     note="needs path= to your file; the split name only labels it",
     loader=_loader("jsonl", "input", "output"),
     # The table-to-text recipe at the paper's usual L; BLEU/METEOR/TER as for DART, the open-domain set.
@@ -110,7 +106,6 @@ SUMMARIZATION_SPEC = TaskSpec(
     splits=USER_SPLITS,
     description='your own summarization data: JSONL lines {"document": str, "summary": str | list[str]}',
     kind="summarization",
-    default_split_for_training="train",
     note="needs path= to your file; the split name only labels it",
     loader=_loader("summarization", "document", "summary"),
     defaults=TrainDefaults(lr=5e-5, epochs=30, batch_size=14, prefix_length=100),  # the paper's XSUM recipe

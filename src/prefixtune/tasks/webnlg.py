@@ -160,8 +160,6 @@ SPEC = TaskSpec(
     name="webnlg",
     splits=("train", "dev", "test", "test_seen", "test_unseen"),
     description="WebNLG challenge 2017: DBpedia triples to text (' | subj : property : obj' per triple)",
-    kind="data-to-text",
-    default_split_for_training="train",
     note=(
         "test_seen/test_unseen are the test entries whose category is/is not among the 10 training "
         "categories; train/dev references are the lexicalisations marked 'good' only"
