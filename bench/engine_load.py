@@ -1,21 +1,29 @@
 """The decoding engine under a server's load, without HTTP: where a step's time goes, and what precision does.
 
-    python bench/engine_load.py                  # fp32 vs bf16 autocast, alternating, 2 rounds of 48 requests
+    python bench/engine_load.py                  # fp32, bf16 autocast, bf16-stored weights: alternating, 2 rounds
     python bench/engine_load.py --profile        # one fp32 round under cProfile: the top functions by time
 
 The load is the serve bench's scenario (b): 8 random prefixes of length 10 on the default model, E2E test MRs
 as inputs, requests for task i % 8, exactly 20 greedy tokens each, at most 16 lanes in flight; whenever
 requests end, as many new ones join before the next step (what the server's scheduler does between steps).
-Prints tokens/s per round; nothing is written (the serve benches in bench/results/ are the record).
+Three ways to run the frozen base, in turns within each round: fp32 weights; fp32 weights under bf16
+autocast (what `--bf16 on` does: every op re-casts its weights); weights stored in bf16 once (`--dtype
+bfloat16`), under autocast so the fp32 prefixes meet them in bf16. Prints tokens/s per round and writes
+bench/results/engine_load.{json,md} (medians, ratios to fp32, the machine): the measurement behind `--dtype auto`
+keeping float32 weights on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import cProfile
-import pstats
+import json
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,6 +34,7 @@ from prefixtune.prefix import PrefixKV
 from prefixtune.tasks import load_groups
 
 LANES, NEW_TOKENS, TASKS = 16, 20, 8
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def setup():
@@ -36,7 +45,7 @@ def setup():
                           for s in slots}) for _ in range(TASKS)]
     prompts = [tok(" " + g.source + " " + tok.eos_token)["input_ids"] for g in load_groups("e2e", "test")[:200]]
     kwargs = decoding_kwargs(tok, GenerateConfig(num_beams=1, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS))
-    return Engine(base), prefixes, prompts, kwargs
+    return base, prefixes, prompts, kwargs
 
 
 def run(engine: Engine, prefixes, prompts, kwargs, n: int) -> tuple[float, int]:
@@ -53,28 +62,62 @@ def run(engine: Engine, prefixes, prompts, kwargs, n: int) -> tuple[float, int]:
     return time.perf_counter() - start, steps
 
 
+def _autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def measure(base, prefixes, prompts, kwargs, rounds: int, requests: int) -> dict[str, list[float]]:
+    """tokens/s per round of each way to run the base, the ways alternating within a round."""
+    stored = copy.deepcopy(base).to(torch.bfloat16)
+    modes = {"fp32": (Engine(base), contextlib.nullcontext), "bf16 autocast": (Engine(base), _autocast),
+             "bf16 weights": (Engine(stored), _autocast)}
+    rates: dict[str, list[float]] = {name: [] for name in modes}
+    for r in range(rounds):
+        for name, (engine, context) in modes.items():
+            with torch.inference_mode(), context():
+                seconds, steps = run(engine, prefixes, prompts, kwargs, requests)
+            rates[name].append(round(requests * NEW_TOKENS / seconds, 2))
+            print(f"round {r + 1}, {name}: {rates[name][-1]} tokens/s ({steps} steps)", flush=True)
+    return rates
+
+
+def write(rates: dict[str, list[float]], args) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serve_bench import machine
+
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    ratios = {name: round(m / medians["fp32"], 3) for name, m in medians.items()}
+    report = {"tokens_per_s": rates, "median": medians, "ratio_to_fp32": ratios, "machine": machine(),
+              "lanes": LANES, "new_tokens": NEW_TOKENS, "tasks": TASKS,
+              "command": f"python bench/engine_load.py --rounds {args.rounds} --requests {args.requests}"}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "engine_load.json").write_text(json.dumps(report, indent=1) + "\n")
+    rows = "\n".join(f"| {name} | {' / '.join(map(str, rates[name]))} | {medians[name]:.1f} | {ratios[name]:.2f}x |"
+                     for name in rates)
+    m = report["machine"]
+    (RESULTS / "engine_load.md").write_text(
+        "# Decoding engine under the serve load: how to run the frozen base\n\n"
+        f"{LANES} lanes, {TASKS} prefixes of length 10, {NEW_TOKENS} greedy tokens per request, SmolLM2-135M, "
+        "the three ways alternating within each round.\n\n| base | tokens/s per round | median | vs fp32 |\n"
+        f"|---|---:|---:|---:|\n{rows}\n\nMachine: {m['cpu']}, {m['cores']} cores. Command: `{report['command']}`\n")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--profile", action="store_true")
     args = p.parse_args()
-    engine, prefixes, prompts, kwargs = setup()
+    base, prefixes, prompts, kwargs = setup()
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        seconds, steps = run(engine, prefixes, prompts, kwargs, args.requests)
+        seconds, steps = run(Engine(base), prefixes, prompts, kwargs, args.requests)
         profiler.disable()
         print(f"fp32: {args.requests * NEW_TOKENS / seconds:.1f} tokens/s ({steps} steps, {seconds:.1f} s)")
         pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
         return 0
-    modes = {"fp32": contextlib.nullcontext, "bf16 autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
-    for r in range(args.rounds):
-        for name, context in modes.items():
-            with context():
-                seconds, steps = run(engine, prefixes, prompts, kwargs, args.requests)
-            print(f"round {r + 1}, {name}: {args.requests * NEW_TOKENS / seconds:.1f} tokens/s ({steps} steps)",
-                  flush=True)
+    write(measure(base, prefixes, prompts, kwargs, args.rounds, args.requests), args)
     return 0
 
 
